@@ -1,0 +1,5 @@
+import sys
+
+from memtx.cli import main
+
+sys.exit(main())

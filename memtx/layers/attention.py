@@ -1,0 +1,101 @@
+"""Multi-head attention over ``[memory; segment]`` with Transformer-XL relative positions.
+
+Shape legend: B batch, T segment (queries), P prefix keys (memory and any cached part of the
+current segment), K = P + T keys, H heads, D head dim, E model width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from memtx.ops.attention import memory_attention
+from memtx.ops.position import relative_position_scores
+
+KeyValue = tuple[Tensor, Tensor]  # (B, H, N, D) keys and values
+
+
+class RelativeMemoryAttention(nn.Module):
+    """Scores ``(q_i + u).k_j + (q_i + v).r_{i-j}`` (Dai et al. 2019), causal over the keys.
+
+    Keys and values of the prefix are passed in already projected (``kv_prefix``), so that
+    training (prefix = memory, projected once per segment) and streaming generation (prefix =
+    memory plus the tokens generated so far in this segment, projected once each) share this
+    one code path.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        head_dim = head_dim or dim // heads
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_r = nn.Linear(dim, inner, bias=False)
+        self.content_bias = nn.Parameter(torch.zeros(heads, head_dim))  # u
+        self.position_bias = nn.Parameter(torch.zeros(heads, head_dim))  # v
+        self.to_out = nn.Linear(inner, dim)
+        self.attn_dropout = attn_dropout
+        self.dropout = nn.Dropout(dropout)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def project_kv(self, h: Tensor) -> KeyValue:
+        """Keys and values (B, H, N, D) of normalised hidden states ``h`` (B, N, E)."""
+        k, v = self.to_kv(h).chunk(2, dim=-1)
+        return self._split_heads(k), self._split_heads(v)
+
+    def project_positions(self, pos_emb: Tensor) -> Tensor:
+        """(H, K, D) projections of the sinusoids (K, E) of distances K-1, ..., 0."""
+        return self.to_r(pos_emb).view(-1, self.heads, self.head_dim).transpose(0, 1)
+
+    def forward(
+        self,
+        x: Tensor,
+        kv_prefix: KeyValue | None,
+        r: Tensor,
+        key_valid: Tensor | None = None,
+    ) -> tuple[Tensor, KeyValue]:
+        """
+        Args:
+            x: (B, T, E) normalised segment hidden states.
+            kv_prefix: keys and values (B, H, P, D) of the positions before the segment, or None.
+            r: (H, K, D) from :meth:`project_positions` for K = P + T keys.
+            key_valid: optional (B, K) bool; False marks keys to ignore (empty memory).
+
+        Returns:
+            The (B, T, E) output and the segment's own keys and values (B, H, T, D).
+        """
+        q = self._split_heads(self.to_q(x))  # (B, H, T, D)
+        k_new, v_new = self.project_kv(x)
+        if kv_prefix is not None and kv_prefix[0].shape[-2] > 0:
+            k = torch.cat((kv_prefix[0], k_new), dim=-2)
+            v = torch.cat((kv_prefix[1], v_new), dim=-2)
+        else:
+            k, v = k_new, v_new
+        position_scores = relative_position_scores(
+            q + self.position_bias[:, None, :], r
+        ) * self.scale  # (B, H, T, K)
+        out = memory_attention(
+            q + self.content_bias[:, None, :],
+            k,
+            v,
+            bias=position_scores,
+            key_valid=key_valid,
+            scale=self.scale,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.dropout(self.to_out(out)), (k_new, v_new)

@@ -1,0 +1,85 @@
+"""Positions: sinusoids and Transformer-XL relative-position scores.
+
+Transformer-XL (Dai et al. 2019) scores query i against key j as
+
+    (q_i + u) . k_j  +  (q_i + v) . r_{i-j}
+
+where r_d is a learned projection of the sinusoid of the distance d. The second term is computed
+for all distances at once as one matmul against the K embeddings of distances K-1, ..., 0
+(descending) and then *shifted* so that column j holds distance ``i + K - T - j`` (query i sits at
+key position ``M + i``). :func:`rel_shift` does the shift with a pad and two views;
+:func:`relative_position_scores_ref` builds the distance matrix explicitly.
+
+Shape legend: B batch, H heads, T queries, K keys (memory + segment), D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sinusoid(positions: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding ``[sin(p w), cos(p w)]`` of shape (*positions.shape, dim).
+
+    Frequencies ``w_k = 10000^(-2k/dim)`` as in Vaswani et al. and Transformer-XL.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoid dimension must be even, got {dim}")
+    inv_freq = 1.0 / (
+        10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    )
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+def relative_distances(num_keys: int, device: torch.device | None = None) -> Tensor:
+    """The distances K-1, ..., 0 (descending) whose embeddings :func:`rel_shift` expects."""
+    return torch.arange(num_keys - 1, -1, -1, device=device)
+
+
+def rel_shift(scores: Tensor) -> Tensor:
+    """Align per-distance scores to (query, key) pairs.
+
+    Args:
+        scores: (..., T, K) where column c holds the score of distance ``K - 1 - c``.
+
+    Returns:
+        (..., T, K) where entry (i, j) holds the score of distance ``i + K - T - j``. Entries with
+        a negative distance (keys after the query, j > i + K - T) are arbitrary: the causal mask
+        removes them.
+    """
+    *batch, num_queries, num_keys = scores.shape
+    padded = F.pad(scores, (1, 0))  # (..., T, K + 1)
+    padded = padded.view(*batch, num_keys + 1, num_queries)
+    return padded[..., 1:, :].reshape(*batch, num_queries, num_keys)
+
+
+def relative_position_scores(q: Tensor, r: Tensor) -> Tensor:
+    """``out[b, h, i, j] = q[b, h, i] . r[h, i + K - T - j]`` for keys at or before the query.
+
+    Args:
+        q: (B, H, T, D) queries (with the position bias ``v`` already added).
+        r: (H, K, D) projected embeddings of distances K-1, ..., 0 (descending).
+
+    Returns:
+        (B, H, T, K); entries of keys after the query are arbitrary (masked later).
+    """
+    raw = torch.einsum("bhid,hjd->bhij", q, r)  # (B, H, T, K), column c = distance K-1-c
+    if q.shape[-2] == 1:  # a single query sits at the last position: already aligned
+        return raw
+    return rel_shift(raw)
+
+
+def relative_position_scores_ref(q: Tensor, r: Tensor) -> Tensor:
+    """Reference for :func:`relative_position_scores`: gathers r at the explicit distance
+    matrix; entries of keys after the query are 0."""
+    num_queries, num_keys = q.shape[-2], r.shape[-2]
+    i = torch.arange(num_queries, device=q.device)[:, None]
+    j = torch.arange(num_keys, device=q.device)[None, :]
+    distance = i + num_keys - num_queries - j  # (T, K)
+    column = (num_keys - 1 - distance).clamp(0, num_keys - 1)  # where r stores that distance
+    r_pairs = r[:, column]  # (H, T, K, D)
+    out = torch.einsum("bhid,hijd->bhij", q, r_pairs)
+    return out.masked_fill(distance < 0, 0.0)

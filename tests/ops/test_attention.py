@@ -1,0 +1,77 @@
+"""memory_attention (SDPA fast path) against the explicit-softmax reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtx.ops.attention import causal_mask, memory_attention, memory_attention_ref
+from memtx.testing import grads, rel_rms
+
+CASES = [
+    pytest.param(2, 4, 8, 0, 16, id="B2-H4-T8-M0"),
+    pytest.param(2, 4, 8, 8, 16, id="B2-H4-T8-M8"),
+    pytest.param(1, 2, 5, 23, 8, id="B1-H2-T5-M23-memory-longer-than-segment"),
+    pytest.param(3, 2, 1, 7, 8, id="B3-H2-T1-M7-single-query"),
+]
+
+
+def _inputs(batch, heads, length, mem, dim, kv_heads=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    q = torch.randn(batch, heads, length, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, mem + length, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, mem + length, dim, generator=g, dtype=torch.float64)
+    bias = torch.randn(batch, heads, length, mem + length, generator=g, dtype=torch.float64)
+    valid = torch.rand(batch, mem + length, generator=g) > 0.4
+    valid[:, mem:] = True  # segment keys always exist
+    return [t.requires_grad_() for t in (q, k, v, bias)] + [valid]
+
+
+def test_causal_mask_is_lower_right_aligned():
+    expected = torch.tensor(
+        [[1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 0],
+         [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(causal_mask(3, 5), expected)
+
+
+@pytest.mark.parametrize("batch,heads,length,mem,dim", CASES)
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("use_valid", [False, True], ids=["all-valid", "padded-memory"])
+def test_matches_reference_outputs_and_grads(batch, heads, length, mem, dim, use_bias, use_valid):
+    q, k, v, bias, valid = _inputs(batch, heads, length, mem, dim)
+    kwargs = dict(bias=bias if use_bias else None, key_valid=valid if use_valid else None)
+    fast = memory_attention(q, k, v, **kwargs)
+    ref = memory_attention_ref(q, k, v, **kwargs)
+    assert rel_rms(fast, ref) < 1e-10
+    inputs = [q, k, v] + ([bias] if use_bias else [])
+    for g_fast, g_ref in zip(grads(fast, inputs), grads(ref, inputs)):
+        assert rel_rms(g_fast, g_ref) < 1e-10
+
+
+def test_shared_key_value_head_broadcasts():
+    q, k, v, _, _ = _inputs(2, 4, 6, 5, 8, kv_heads=1)
+    fast = memory_attention(q, k, v)
+    ref = memory_attention_ref(q, k, v)
+    assert rel_rms(fast, ref) < 1e-10
+    for g_fast, g_ref in zip(grads(fast, [q, k, v]), grads(ref, [q, k, v])):
+        assert rel_rms(g_fast, g_ref) < 1e-10
+
+
+def test_reference_ignores_future_and_invalid_keys():
+    q, k, v, _, valid = _inputs(2, 2, 4, 6, 8)
+    base = memory_attention_ref(q, k, v, key_valid=valid)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[..., -1, :] += 5.0  # the last key is in the future of every query but the last
+    v2[..., -1, :] += 5.0
+    k2[~valid[:, None, :, None].expand_as(k2)] = 100.0  # invalid memory entries
+    moved = memory_attention_ref(q, k2, v2, key_valid=valid)
+    assert torch.allclose(base[..., :-1, :], moved[..., :-1, :])
+    assert not torch.allclose(base[..., -1, :], moved[..., -1, :])
+
+
+def test_rejects_bad_shapes():
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="K >= T"):
+        memory_attention(q, torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
