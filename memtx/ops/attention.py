@@ -43,7 +43,7 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _combined_mask(
+def _masked_bias(
     num_queries: int,
     num_keys: int,
     bias: Tensor | None,
@@ -55,8 +55,13 @@ def _combined_mask(
     allowed = causal_mask(num_queries, num_keys, device)  # (T, K)
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]  # (B, 1, T, K)
-    base = torch.zeros((), dtype=dtype, device=device) if bias is None else bias.to(dtype)
-    return torch.where(allowed, base, torch.tensor(float("-inf"), dtype=dtype, device=device))
+    if bias is None:
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, float("-inf")
+        )
+    if allowed.dim() == 4 and bias.shape[0] != allowed.shape[0]:
+        bias = bias.expand(allowed.shape[0], *bias.shape[1:])
+    return bias.to(dtype).masked_fill(~allowed, float("-inf"))
 
 
 def memory_attention(
@@ -100,8 +105,21 @@ def memory_attention(
             q, k, v, attn_mask=causal_lower_right(num_queries, num_keys),
             dropout_p=dropout_p, scale=scale,
         )
-    mask = _combined_mask(num_queries, num_keys, bias, key_valid, q.dtype, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    # With a score bias (relative positions) the fused kernels would fall back to an unfused
+    # path anyway; writing it out lets the bias ride in the score matmul (baddbmm).
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    batch, heads, _, dim = q.shape
+    masked = _masked_bias(num_queries, num_keys, bias, key_valid, q.dtype, q.device)
+    masked = masked.expand(batch, heads, num_queries, num_keys).reshape(-1, num_queries, num_keys)
+    scores = torch.baddbmm(
+        masked,
+        q.reshape(-1, num_queries, dim),
+        k.reshape(-1, num_keys, dim).transpose(1, 2),
+        alpha=scale,
+    )  # (B*H, T, K)
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p else scores.softmax(dim=-1)
+    out = torch.bmm(weights, v.reshape(-1, num_keys, v.shape[-1]))
+    return out.view(batch, heads, num_queries, -1)
 
 
 def memory_attention_ref(

@@ -7,7 +7,7 @@ Transformer-XL (Dai et al. 2019) scores query i against key j as
 where r_d is a learned projection of the sinusoid of the distance d. The second term is computed
 for all distances at once as one matmul against the K embeddings of distances K-1, ..., 0
 (descending) and then *shifted* so that column j holds distance ``i + K - T - j`` (query i sits at
-key position ``M + i``). :func:`rel_shift` does the shift with a pad and two views;
+key position ``M + i``). :func:`rel_shift` does the shift as a strided view;
 :func:`relative_position_scores_ref` builds the distance matrix explicitly.
 
 Shape legend: B batch, H heads, T queries, K keys (memory + segment), D head dim.
@@ -16,7 +16,6 @@ Shape legend: B batch, H heads, T queries, K keys (memory + segment), D head dim
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -40,20 +39,25 @@ def relative_distances(num_keys: int, device: torch.device | None = None) -> Ten
 
 
 def rel_shift(scores: Tensor) -> Tensor:
-    """Align per-distance scores to (query, key) pairs.
+    """Align per-distance scores to (query, key) pairs, without copying.
 
     Args:
-        scores: (..., T, K) where column c holds the score of distance ``K - 1 - c``.
+        scores: contiguous (..., T, K) where column c holds the score of distance ``K - 1 - c``.
 
     Returns:
-        (..., T, K) where entry (i, j) holds the score of distance ``i + K - T - j``. Entries with
-        a negative distance (keys after the query, j > i + K - T) are arbitrary: the causal mask
-        removes them.
+        A (..., T, K) view where entry (i, j) holds the score of distance ``i + K - T - j``, i.e.
+        ``scores[..., i, j + T - 1 - i]``. Entries with a negative distance (keys after the
+        query, j > i + K - T) alias other entries: the causal mask must remove them.
+
+    Element (i, j) of the result lives at flat offset ``(T - 1) + i (K - 1) + j`` of each
+    (T, K) matrix, so the shift is a strided view with row stride K - 1.
     """
+    scores = scores.contiguous()
     *batch, num_queries, num_keys = scores.shape
-    padded = F.pad(scores, (1, 0))  # (..., T, K + 1)
-    padded = padded.view(*batch, num_keys + 1, num_queries)
-    return padded[..., 1:, :].reshape(*batch, num_queries, num_keys)
+    strides = list(scores.stride()[:-2]) + [num_keys - 1, 1]
+    return scores.as_strided(
+        (*batch, num_queries, num_keys), strides, scores.storage_offset() + num_queries - 1
+    )
 
 
 def relative_position_scores(q: Tensor, r: Tensor) -> Tensor:
@@ -66,7 +70,7 @@ def relative_position_scores(q: Tensor, r: Tensor) -> Tensor:
     Returns:
         (B, H, T, K); entries of keys after the query are arbitrary (masked later).
     """
-    raw = torch.einsum("bhid,hjd->bhij", q, r)  # (B, H, T, K), column c = distance K-1-c
+    raw = torch.matmul(q, r.transpose(-1, -2))  # (B, H, T, K), column c = distance K-1-c
     if q.shape[-2] == 1:  # a single query sits at the last position: already aligned
         return raw
     return rel_shift(raw)
