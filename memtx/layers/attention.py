@@ -85,9 +85,10 @@ class RelativeMemoryAttention(nn.Module):
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:
             k, v = k_new, v_new
+        # scaling the (B, H, T, D) queries is cheaper than scaling the (B, H, T, K) scores
         position_scores = relative_position_scores(
-            q + self.position_bias[:, None, :], r
-        ) * self.scale  # (B, H, T, K)
+            (q + self.position_bias[:, None, :]) * self.scale, r
+        )  # (B, H, T, K), already scaled
         out = memory_attention(
             q + self.content_bias[:, None, :],
             k,

@@ -13,6 +13,7 @@ kernels on CPU and GPU); :func:`memory_attention_ref` is the plain softmax it mu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,9 +26,20 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = N
     """Boolean (T, K) mask, True where query i may attend to key j (lower-right aligned)."""
     if num_keys < num_queries:
         raise ValueError(f"need at least as many keys as queries, got K={num_keys} < T={num_queries}")
+    return _causal_mask(num_queries, num_keys, torch.device(device or "cpu"))
+
+
+# cached: every layer of every step asks for the same few shapes (callers never write to them)
+@functools.lru_cache(maxsize=64)
+def _causal_mask(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
     return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(
         num_keys - num_queries
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_blocked(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
+    return ~_causal_mask(num_queries, num_keys, device)
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -52,16 +64,16 @@ def _masked_bias(
     device: torch.device,
 ) -> Tensor:
     """Additive float mask: ``bias`` where attention is allowed, -inf elsewhere."""
-    allowed = causal_mask(num_queries, num_keys, device)  # (T, K)
+    blocked = _causal_blocked(num_queries, num_keys, torch.device(device))  # (T, K)
     if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]  # (B, 1, T, K)
+        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
     if bias is None:
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-            ~allowed, float("-inf")
+        return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
+            blocked, float("-inf")
         )
-    if allowed.dim() == 4 and bias.shape[0] != allowed.shape[0]:
-        bias = bias.expand(allowed.shape[0], *bias.shape[1:])
-    return bias.to(dtype).masked_fill(~allowed, float("-inf"))
+    if blocked.dim() == 4 and bias.shape[0] != blocked.shape[0]:
+        bias = bias.expand(blocked.shape[0], *bias.shape[1:])
+    return bias.to(dtype).masked_fill(blocked, float("-inf"))
 
 
 def memory_attention(

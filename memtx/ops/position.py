@@ -39,22 +39,26 @@ def relative_distances(num_keys: int, device: torch.device | None = None) -> Ten
 
 
 def rel_shift(scores: Tensor) -> Tensor:
-    """Align per-distance scores to (query, key) pairs, without copying.
+    """Align per-distance scores to (query, key) pairs.
 
     Args:
-        scores: contiguous (..., T, K) where column c holds the score of distance ``K - 1 - c``.
+        scores: (..., T, K + 1) where column c < K holds the score of distance ``K - 1 - c``
+            and the last column is padding (any value).
 
     Returns:
-        A (..., T, K) view where entry (i, j) holds the score of distance ``i + K - T - j``, i.e.
-        ``scores[..., i, j + T - 1 - i]``. Entries with a negative distance (keys after the
-        query, j > i + K - T) alias other entries: the causal mask must remove them.
+        A (..., T, K) strided view where entry (i, j) holds the score of distance
+        ``i + K - T - j``, i.e. ``scores[..., i, j + T - 1 - i]``. Entries with a negative
+        distance (keys after the query, j > i + K - T) read other entries or the padding: the
+        causal mask must remove them.
 
-    Element (i, j) of the result lives at flat offset ``(T - 1) + i (K - 1) + j`` of each
-    (T, K) matrix, so the shift is a strided view with row stride K - 1.
+    Element (i, j) of the result lives at flat offset ``(T - 1) + i K + j`` of each (T, K + 1)
+    matrix, so the shift is a view with row stride K. The padding column keeps rows from
+    overlapping, which keeps the backward pass a plain strided copy.
     """
     scores = scores.contiguous()
-    *batch, num_queries, num_keys = scores.shape
-    strides = list(scores.stride()[:-2]) + [num_keys - 1, 1]
+    *batch, num_queries, padded_keys = scores.shape
+    num_keys = padded_keys - 1
+    strides = list(scores.stride()[:-2]) + [num_keys, 1]
     return scores.as_strided(
         (*batch, num_queries, num_keys), strides, scores.storage_offset() + num_queries - 1
     )
@@ -70,10 +74,11 @@ def relative_position_scores(q: Tensor, r: Tensor) -> Tensor:
     Returns:
         (B, H, T, K); entries of keys after the query are arbitrary (masked later).
     """
-    raw = torch.matmul(q, r.transpose(-1, -2))  # (B, H, T, K), column c = distance K-1-c
     if q.shape[-2] == 1:  # a single query sits at the last position: already aligned
-        return raw
-    return rel_shift(raw)
+        return torch.matmul(q, r.transpose(-1, -2))
+    # a zero row appended to r gives the score matrix the padding column rel_shift needs
+    r_padded = torch.cat((r, r.new_zeros(r.shape[0], 1, r.shape[2])), dim=1)  # (H, K+1, D)
+    return rel_shift(torch.matmul(q, r_padded.transpose(-1, -2)))
 
 
 def relative_position_scores_ref(q: Tensor, r: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ def test_sinusoid_values():
 
 def test_rel_shift_on_a_small_example():
     # T=2 queries, K=3 keys (M=1): column c of the input is distance 2-c
-    scores = torch.tensor([[10.0, 11.0, 12.0], [20.0, 21.0, 22.0]])
+    scores = torch.tensor([[10.0, 11.0, 12.0, 0.0], [20.0, 21.0, 22.0, 0.0]])  # + padding
     shifted = rel_shift(scores)
     # query 0 (position 1): keys 0,1 at distances 1,0 -> columns 1,2
     # query 1 (position 2): keys 0,1,2 at distances 2,1,0 -> columns 0,1,2
