@@ -160,15 +160,26 @@ def _peak_rss_worker(cfg: SpeedConfig, which: str, queue: "mp.Queue[float]") -> 
         train, _ = memtx_steps(model, cfg.batch_size, cfg.seed)
     else:
         train, _, _ = _REFERENCES[cfg.arch](model, cfg.batch_size, cfg.seed)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _current_rss_kib()
     for _ in range(3):
         train()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak, KiB on Linux
+    queue.put((after - before) / 1024.0)
+
+
+def _current_rss_kib() -> float:
+    """Resident memory now (not the peak, which importing torch may already have set)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize() / 1024.0
+    except OSError:
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_training_memory_mib(cfg: SpeedConfig, which: str) -> float:
-    """Growth of peak resident memory over three training steps, in a fresh process (MiB)."""
+    """Peak resident memory of three training steps above the memory held before them (model,
+    optimizer, data), in a fresh process (MiB)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_worker, args=(cfg, which, queue))
