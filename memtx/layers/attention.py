@@ -67,6 +67,7 @@ class RelativeMemoryAttention(nn.Module):
         kv_prefix: KeyValue | None,
         r: Tensor,
         key_valid: Tensor | None = None,
+        score_bias: Tensor | None = None,
     ) -> tuple[Tensor, KeyValue]:
         """
         Args:
@@ -74,6 +75,9 @@ class RelativeMemoryAttention(nn.Module):
             kv_prefix: keys and values (B, H, P, D) of the positions before the segment, or None.
             r: (H, K, D) from :meth:`project_positions` for K = P + T keys.
             key_valid: optional (B, K) bool; False marks keys to ignore (empty memory).
+            score_bias: optional extra additive score bias broadcastable to (B, H, T, K), e.g.
+                the log of a soft mask (``log m`` multiplies attention weights by ``m`` and
+                renormalises).
 
         Returns:
             The (B, T, E) output and the segment's own keys and values (B, H, T, D).
@@ -89,6 +93,8 @@ class RelativeMemoryAttention(nn.Module):
         position_scores = relative_position_scores(
             (q + self.position_bias[:, None, :]) * self.scale, r
         )  # (B, H, T, K), already scaled
+        if score_bias is not None:
+            position_scores = position_scores + score_bias
         out = memory_attention(
             q + self.content_bias[:, None, :],
             k,

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from memtx.config import ModelConfig
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, RelativeMemoryAttention
-from memtx.layers.feedforward import FeedForward
+from memtx.layers.attention import KeyValue
+from memtx.layers.blocks import RelativeMemoryBlock
 from memtx.modeling import MemoryLM
 from memtx.ops.position import relative_distances, sinusoid
 from memtx.registry import register
@@ -66,32 +66,6 @@ class TransformerXLConfig(ModelConfig):
         self.require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
 
 
-class TransformerXLBlock(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x) | norm(memory))`` then ``x + ff(norm(x))``."""
-
-    def __init__(self, cfg: TransformerXLConfig) -> None:
-        super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.dim)
-        self.attn = RelativeMemoryAttention(
-            cfg.dim, cfg.heads, cfg.head_dim, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout
-        )
-        self.ff_norm = nn.LayerNorm(cfg.dim)
-        self.ff = FeedForward(cfg.dim, cfg.ff_mult, dropout=cfg.dropout)
-        self.ff_dropout = nn.Dropout(cfg.dropout)
-
-    def memory_kv(self, mem: Tensor) -> KeyValue:
-        """Keys and values (B, H, M, D) of this layer's memory (B, M, D)."""
-        return self.attn.project_kv(self.attn_norm(mem))
-
-    def forward(
-        self, x: Tensor, kv_prefix: KeyValue | None, r: Tensor, key_valid: Tensor | None
-    ) -> tuple[Tensor, KeyValue]:
-        attn_out, kv = self.attn(self.attn_norm(x), kv_prefix, r, key_valid)
-        x = x + attn_out
-        x = x + self.ff_dropout(self.ff(self.ff_norm(x)))
-        return x, kv
-
-
 @register("transformer_xl")
 class TransformerXL(MemoryLM):
     """Transformer-XL language model under the memtx contract (see module docstring)."""
@@ -104,7 +78,13 @@ class TransformerXL(MemoryLM):
         cfg = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(TransformerXLBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            RelativeMemoryBlock(
+                cfg.dim, cfg.heads, cfg.head_dim, ff_mult=cfg.ff_mult,
+                dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+            )
+            for _ in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
