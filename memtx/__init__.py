@@ -32,6 +32,7 @@ from memtx.state import FifoMemory, State
 
 # importing the architectures registers them
 from memtx.models.transformer_xl import TransformerXL, TransformerXLConfig  # noqa: E402
+from memtx.models.gateloop import GateLoop, GateLoopConfig, GateLoopState  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,9 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FifoMemory",
+    "GateLoop",
+    "GateLoopConfig",
+    "GateLoopState",
     "IGNORE_INDEX",
     "InputError",
     "LMOutput",
@@ -71,8 +75,8 @@ __all__ = [
     "forward_segments",
     "from_reference",
     "generate",
-    "load",
     "lm_loss",
+    "load",
     "make_config",
     "model_class",
     "register",

@@ -106,7 +106,7 @@ class ModelConfig:
         self.require(self.vocab_size >= 2, "vocab_size", "must be at least 2")
         self.require(self.dim >= 1, "dim", "must be positive")
         self.require(self.depth >= 1, "depth", "must be at least 1")
-        self.require(self.heads >= 1, "heads", "must be at least 1")
+        self.require(self.heads is None or self.heads >= 1, "heads", "must be at least 1")
         self.require(self.seq_len >= 1, "seq_len", "must be at least 1")
 
     def require(self, condition: bool, field_name: str, message: str) -> None:

@@ -92,3 +92,24 @@ def relative_position_scores_ref(q: Tensor, r: Tensor) -> Tensor:
     r_pairs = r[:, column]  # (H, T, K, D)
     out = torch.einsum("bhid,hijd->bhij", q, r_pairs)
     return out.masked_fill(distance < 0, 0.0)
+
+
+def rotary(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotary position embedding (Su et al. 2021) on interleaved pairs of the last dimension.
+
+    Pair ``(x[2k], x[2k+1])`` at position ``p`` is rotated by the angle ``p * theta^(-2k/D)``.
+
+    Args:
+        x: (..., T, D) with D even.
+        positions: (T,) positions of the T rows.
+    """
+    dim = x.shape[-1]
+    if dim % 2:
+        raise ValueError(f"rotary embedding needs an even dimension, got {dim}")
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    pairs = x.unflatten(-1, (dim // 2, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2)
