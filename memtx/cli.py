@@ -60,7 +60,7 @@ def _train_parser(model: str) -> argparse.ArgumentParser:
         description="Train a memory-augmented transformer. With no options: the built-in "
         "associative-recall task, which shows memory at work in a few minutes on a CPU.",
     )
-    parser.add_argument("--config", help="TOML file of run fields ([model] table: model fields)")
+    parser.add_argument("--config", help="TOML file of run fields ([model_config] table: model fields)")
     parser.add_argument("--out", help="run directory (default: runs/<data>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the latest checkpoint in --out exactly")
@@ -171,13 +171,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size:
         run = run.replace(eval_batch_size=args.batch_size)
     if run.is_task:
-        task = make_task(run.task_name, model.config.seq_len, run.task_distances)
+        task = make_task(run.task_name, model.config.seq_len, run.task_distances, run.task_size)
         result = run_final_eval(model, run, task)
     else:
         split = load_data(run.data).split(args.split)
         carried = evaluate(model, split, batch_size=run.eval_batch_size)
         wiped = evaluate(model, split, batch_size=run.eval_batch_size, wipe_memory=True)
-        result = {"kind": "text", "split": args.split, "bpc_carried": carried.bpc,
+        result = {"data_kind": "text", "split": args.split, "bpc_carried": carried.bpc,
                   "bpc_wiped": wiped.bpc, "tokens": carried.tokens}
     print(f"{checkpoint}:")
     print(format_final_eval(result, model.config.seq_len))
