@@ -33,6 +33,7 @@ from memtx.state import FifoMemory, State
 # importing the architectures registers them
 from memtx.models.transformer_xl import TransformerXL, TransformerXLConfig  # noqa: E402
 from memtx.models.gateloop import GateLoop, GateLoopConfig, GateLoopState  # noqa: E402
+from memtx.models.memformer import Memformer, MemformerConfig, MemformerState  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,9 @@ __all__ = [
     "IGNORE_INDEX",
     "InputError",
     "LMOutput",
+    "Memformer",
+    "MemformerConfig",
+    "MemformerState",
     "MemoryLM",
     "MemtxError",
     "ModelConfig",
