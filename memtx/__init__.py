@@ -34,6 +34,7 @@ from memtx.state import FifoMemory, State
 from memtx.models.transformer_xl import TransformerXL, TransformerXLConfig  # noqa: E402
 from memtx.models.gateloop import GateLoop, GateLoopConfig, GateLoopState  # noqa: E402
 from memtx.models.memformer import Memformer, MemformerConfig, MemformerState  # noqa: E402
+from memtx.models.expire_span import ExpireSpan, ExpireSpanConfig, ExpireSpanMemory  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,9 @@ def load(directory: str | os.PathLike[str], *, device: str | None = None) -> Mem
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ExpireSpan",
+    "ExpireSpanConfig",
+    "ExpireSpanMemory",
     "FifoMemory",
     "GateLoop",
     "GateLoopConfig",

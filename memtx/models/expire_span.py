@@ -1,0 +1,575 @@
+"""Expire-Span (Sukhbaatar et al. 2021, *Not All Memories are Created Equal: Learning to Forget
+by Expiring*): a Transformer-XL whose memory entries learn when to expire.
+
+Every layer keeps its past inputs as memory, as Transformer-XL does, but each entry ``h_i`` also
+gets a span ``e_i = max_span * sigmoid(w . LN(h_i) + b)`` (``LN`` is the layer's own attention
+norm: keys and values are projected from the same normalised vector, and it keeps ``w . h`` on a
+fixed scale while the pre-norm residual stream grows; the paper's code does the same in its
+pre-norm variant). A query at time ``t`` sees entry ``i`` through the soft mask
+
+    r_ti = e_i - (t - i)                   remaining span
+    m_ti = clamp(1 + r_ti / R, 0, 1)       R = ramp_len
+
+applied to every (query, key) pair, those of the current segment included (a key at distance 0
+always has ``m = 1``, so no query loses all its keys). Attention is renormalised over what remains,
+``a_ti = m_ti exp(s_ti) / sum_j m_tj exp(s_tj)``, which is the softmax of ``s_ti + log m_ti``: the
+mask rides in the additive score bias (``-inf`` where ``m = 0``). The seed instead multiplies the
+softmax output by the mask and never renormalises.
+
+Spans are *recomputed* every segment from the stored entries (a stop-gradient) with the live
+``w, b`` rather than stored in the state: stored spans would be constants, and the language-model
+loss could then train ``w, b`` only through the current segment's keys; recomputed, the mask of
+every (query, memory) pair in the ramp carries gradient to ``w, b``, as in the paper. It costs one
+dot product per entry per layer per segment. Expiry is exact all the same: the spans that decide
+which entries are dropped at the end of a segment are the ones that segment's attention used.
+
+The span loss (``span_loss_coef``, the paper's alpha) is an L1 penalty on spans, applied only to
+pairs inside the ramp (``0 < m < 1``), where the mask has a gradient:
+``alpha * sum_layers mean_rows sum_{(t, i) in ramp} e_i / (R * T)`` (each entry spends R queries
+in the ramp, and the sum over a segment's T queries is averaged). It is returned in ``aux_loss``.
+
+Memory that shrinks. After a segment an entry is dropped once its mask is 0 for every future
+query, i.e. ``e_i + R - age_i <= 0`` where ``age_i`` is its distance to the next segment's first
+query; then at most ``mem_len`` entries are kept per row and layer (the newest). Rows and layers
+keep different numbers of entries: the state stores them right-aligned (oldest first, left-padded
+with ``valid=False``, the layout of :class:`memtx.state.FifoMemory`), with each entry's age, and
+the common length is the longest row. Each layer attends only over its own longest row, so
+memory held and attention cost follow the learned spans, not ``max_span``.
+
+Positions. Entries are no longer contiguous, so the Transformer-XL relative term
+``(q_t + v) . r_{t-i}`` uses each entry's real distance (its age plus the query's offset):
+:func:`gather_position_scores` scores every query against a table of distances ``0..N-1`` (N is
+the oldest entry's distance, not ``max_span``) and gathers each pair's distance. With a full,
+contiguous memory the distances are exactly Transformer-XL's, so with every span at
+``max_span >= mem_len + seq_len - 1`` this model computes what ``transformer_xl`` computes with
+the same weights.
+
+Initialisation: ``w = 0`` and ``b = logit(0.1)``, so every span starts at 10% of ``max_span``
+(the paper's code, ``expire_span_init_percentage = 0.1``). The seed's ``b = -max_span`` makes the
+sigmoid exactly 0 in fp32: spans, their gradient and the span loss stay 0 forever.
+
+Random memory shortening (``shorten_prob``, the seed's "forget dropout"): in training, each row
+of a segment with probability ``shorten_prob`` hides its memory entries older than a random limit
+drawn uniformly from ``[0, max_span)``. It only changes what the segment's attention sees; which
+entries expire is still decided by the spans (the seed multiplies it into the expiry mask in
+place, so training permanently throws memory away).
+
+Shape legend: B batch, T segment (queries), M memory entries, K = M + T keys, L layers,
+E model width, H heads, D head dim, N rows of the position table (distances 0..N-1),
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memtx.config import ModelConfig
+from memtx.errors import StateError
+from memtx.generation import Stream
+from memtx.layers.attention import KeyValue
+from memtx.layers.blocks import RelativeMemoryBlock
+from memtx.modeling import MemoryLM
+from memtx.ops.attention import memory_attention
+from memtx.ops.position import sinusoid
+from memtx.registry import register
+from memtx.state import State, memory_field
+
+INIT_SPAN_FRACTION = 0.1  # spans start at this fraction of max_span (the paper's code)
+
+
+@dataclass(kw_only=True)
+class ExpireSpanConfig(ModelConfig):
+    """Expire-Span hyper-parameters (beyond :class:`memtx.config.ModelConfig`).
+
+    Attributes:
+        max_span: the longest span L an entry can have (``e = L * sigmoid(...)``); an entry is
+            visible up to ``max_span + ramp_len - 1`` positions back.
+        ramp_len: length R of the mask's linear ramp from 1 to 0 once a span has passed; must be
+            in [1, max_span].
+        span_loss_coef: weight alpha of the L1 span loss on entries inside the ramp (0 disables
+            it); it is the only force that shortens spans of entries the task does not need.
+        shorten_prob: in training, probability that a row's memory is randomly shortened for one
+            segment (entries older than a uniform limit in ``[0, max_span)`` are hidden).
+        mem_len: cap on the entries each layer keeps per row (the newest are kept).
+        head_dim: width of each attention head (default ``dim // heads``).
+        ff_mult: feed-forward hidden width as a multiple of ``dim``.
+        dropout: dropout on embeddings, position embeddings and residual branches.
+        attn_dropout: dropout on attention weights.
+        tie_embeddings: use the input embedding matrix as the output projection.
+    """
+
+    max_span: int = 1024
+    ramp_len: int = 32
+    span_loss_coef: float = 1e-6
+    shorten_prob: float = 0.0
+    mem_len: int = 1024
+    head_dim: int | None = None
+    ff_mult: int = 4
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        self.require(self.dim % 2 == 0, "dim", "must be even (sinusoidal position embeddings)")
+        if self.head_dim is None:
+            self.require(
+                self.dim % self.heads == 0, "dim",
+                f"must be divisible by heads={self.heads}, or set head_dim",
+            )
+        else:
+            self.require(self.head_dim >= 1, "head_dim", "must be positive")
+        self.require(self.max_span >= 1, "max_span", "must be at least 1")
+        self.require(
+            1 <= self.ramp_len <= self.max_span, "ramp_len",
+            f"must be in [1, max_span={self.max_span}] (the mask's ramp from 1 to 0)",
+        )
+        self.require(self.span_loss_coef >= 0.0, "span_loss_coef", "must be >= 0 (0 disables it)")
+        self.require(0.0 <= self.shorten_prob <= 1.0, "shorten_prob", "must be in [0, 1]")
+        self.require(self.mem_len >= 1, "mem_len", "must be at least 1")
+        self.require(self.ff_mult >= 1, "ff_mult", "must be at least 1")
+        self.require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        self.require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ExpireSpanMemory(State):
+    """Per-layer memories of different lengths, right-aligned in one padded tensor.
+
+    ``mem[l, b]`` holds layer ``l``'s kept inputs for row ``b``, oldest first, after
+    ``valid[l, b].logical_not().sum()`` padding slots; ``age[l, b, m]`` is the distance from
+    entry ``m`` to the first query of the next segment (>= 1 for valid entries, 0 for padding).
+    Each layer expires its own entries, so the masks differ between layers.
+    """
+
+    mem: Tensor = memory_field("layer", "batch", "mem", "dim")  # (L, B, M, E)
+    valid: Tensor = memory_field("layer", "batch", "mem", fill=False)  # (L, B, M) bool
+    age: Tensor = memory_field("layer", "batch", "mem", fill=0)  # (L, B, M) long
+
+    def held(self) -> Tensor:
+        """(L, B) number of entries each layer keeps for each row."""
+        return self.valid.sum(-1)
+
+
+# -- position scores at arbitrary distances (model-specific op, with its reference) ----------
+def gather_position_scores(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
+    """``out[b, h, i, j] = q[b, h, i] . r[h, distances[b, i, j]]``.
+
+    Args:
+        q: (B, H, T, D) queries (position bias added and scale folded in).
+        r: (H, N, D) projected embeddings of distances 0, 1, ..., N-1 (ascending).
+        distances: (B, T, K) long in [0, N).
+
+    One (T, N) matmul per head and a gather: the cost follows the oldest distance in use, and
+    each (query, key) pair reads its own distance, which a shift of contiguous distances cannot
+    do once entries have been dropped.
+    """
+    table = torch.matmul(q, r.transpose(-1, -2))  # (B, H, T, N)
+    index = distances[:, None].expand(-1, q.shape[1], -1, -1)  # (B, H, T, K), no copy
+    return torch.gather(table, -1, index)
+
+
+def gather_position_scores_ref(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
+    """Reference for :func:`gather_position_scores`: an explicit loop over rows and pairs."""
+    batch, heads, queries, _ = q.shape
+    out = q.new_zeros(batch, heads, queries, distances.shape[-1])
+    for b in range(batch):
+        for i in range(queries):
+            for j in range(distances.shape[-1]):
+                out[b, :, i, j] = (q[b, :, i] * r[:, int(distances[b, i, j])]).sum(-1)
+    return out
+
+
+def expire_mask(spans: Tensor, distances: Tensor, ramp_len: int) -> Tensor:
+    """Reference mask ``clamp(1 + (e - distance) / R, 0, 1)`` of every pair:
+    spans (B, K), distances (B, T, K) -> (B, T, K)."""
+    return (1.0 + (spans[:, None, :] - distances.to(spans.dtype)) / ramp_len).clamp(0.0, 1.0)
+
+
+class _LogMask(torch.autograd.Function):
+    """``log m`` (``-inf`` where ``m = 0``) with a zero gradient where ``m = 0``: ``log``'s own
+    backward gives ``0 / 0`` there, and ``clamp`` passes it on when ``m`` is exactly 0."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(mask)
+        return mask.log()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask > 0, grad / mask, 0.0)
+
+
+def log_expire_mask(
+    spans: Tensor, base: Tensor, valid: Tensor, first_query: int, num_queries: int, ramp_len: int
+) -> Tensor:
+    """``log m`` (B, T, K) for queries at segment positions ``first_query + i`` and keys at
+    distance ``base + first_query + i`` from them (``-inf`` for invalid keys).
+
+    Args:
+        spans: (B, K) spans of the keys.
+        base: (B, K) long: each key's distance to segment position 0 (its age for memory
+            entries, ``-j`` for segment position j).
+        valid: (B, K) bool.
+
+    Equals ``log(expire_mask(spans, distances, R))``; written as one broadcast subtraction of a
+    per-key and a per-query term, because the (B, T, K) mask is built for every layer.
+    """
+    reach = (spans + ramp_len - base) / ramp_len  # (B, K): the mask at segment position 0
+    reach = reach.masked_fill(~valid, float("-inf"))
+    queries = torch.arange(
+        first_query, first_query + num_queries, device=spans.device, dtype=spans.dtype
+    )
+    mask = (reach[:, None, :] - queries[None, :, None] / ramp_len).clamp(0.0, 1.0)
+    return _LogMask.apply(mask)
+
+
+def ramp_counts(
+    spans: Tensor, base: Tensor, valid: Tensor, first_query: int, num_queries: int, ramp_len: int
+) -> Tensor:
+    """(B, K) number of queries (as in :func:`log_expire_mask`) for which each key is inside its
+    ramp, ``0 < m < 1``, i.e. ``e < distance < e + R``: counted per key, not per pair."""
+    spans = spans.detach()
+    first = (torch.floor(spans - base) + 1).clamp(min=first_query)  # first q with d > e
+    last = (torch.ceil(spans + ramp_len - base) - 1).clamp(max=first_query + num_queries - 1)
+    return (last - first + 1).clamp(min=0) * valid
+
+
+@dataclass
+class LayerMemory:
+    """What one layer attends to besides the segment: its memory trimmed to its longest row.
+
+    Attributes:
+        kv: keys and values (B, H, M, D) of the normalised entries.
+        spans: (B, M) spans of the entries (with gradient to the span predictor in training).
+        age: (B, M) long distance of each entry to the segment's first query.
+        valid: (B, M) bool.
+        mem: (B, M, E) the entries themselves (to carry the kept ones over).
+    """
+
+    kv: KeyValue | None
+    spans: Tensor
+    age: Tensor
+    valid: Tensor
+    mem: Tensor
+
+
+@register("expire_span")
+class ExpireSpan(MemoryLM):
+    """Expire-Span language model under the memtx contract (see module docstring)."""
+
+    config_class = ExpireSpanConfig
+    state_class = ExpireSpanMemory
+
+    def __init__(self, config: ExpireSpanConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            RelativeMemoryBlock(
+                cfg.dim, cfg.heads, cfg.head_dim, ff_mult=cfg.ff_mult,
+                dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+            )
+            for _ in range(cfg.depth)
+        )
+        self.span_predictors = nn.ModuleList(nn.Linear(cfg.dim, 1) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # the same initialisation as transformer_xl, so the two differ only by the spans
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            for proj in (block.attn.to_out, block.ff.w2):
+                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
+        for predictor in self.span_predictors:
+            nn.init.zeros_(predictor.weight)
+            nn.init.constant_(
+                predictor.bias, math.log(INIT_SPAN_FRACTION / (1 - INIT_SPAN_FRACTION))
+            )
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- state ---------------------------------------------------------------------------------
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ExpireSpanMemory:
+        cfg = self.config
+        device = self.device if device is None else device
+        return ExpireSpanMemory(
+            mem=torch.zeros(
+                cfg.depth, batch_size, 0, cfg.dim, device=device, dtype=dtype or self.dtype
+            ),
+            valid=torch.zeros(cfg.depth, batch_size, 0, dtype=torch.bool, device=device),
+            age=torch.zeros(cfg.depth, batch_size, 0, dtype=torch.long, device=device),
+        )
+
+    def state_limits(self) -> dict[str, int]:
+        return {"mem": self.config.mem_len}
+
+    def check_state(self, state: ExpireSpanMemory, batch_size: int, device: torch.device) -> None:
+        super().check_state(state, batch_size, device)
+        if state.valid.dtype != torch.bool:
+            raise StateError(f"state.valid must be a bool mask, got dtype {state.valid.dtype}")
+        if state.age.dtype.is_floating_point or state.age.dtype == torch.bool:
+            raise StateError(
+                f"state.age must hold integer elapsed times, got dtype {state.age.dtype}"
+            )
+
+    def spans(self, layer: int, normed: Tensor) -> Tensor:
+        """(B, N) spans of normalised entries (B, N, E) of layer ``layer``."""
+        logits = self.span_predictors[layer](normed).squeeze(-1)
+        return self.config.max_span * torch.sigmoid(logits.float())
+
+    def layer_memory(self, state: ExpireSpanMemory, layer: int) -> LayerMemory:
+        """Layer ``layer``'s memory, cut to its longest row (entries are right-aligned)."""
+        held = int(state.valid[layer].sum(-1).max()) if state.valid.shape[2] else 0
+        start = state.mem.shape[2] - held
+        mem = state.mem[layer, :, start:]
+        block = self.blocks[layer]
+        normed = block.attn_norm(mem)
+        return LayerMemory(
+            kv=block.attn.project_kv(normed) if held else None,
+            spans=self.spans(layer, normed),
+            age=state.age[layer, :, start:],
+            valid=state.valid[layer, :, start:],
+            mem=mem,
+        )
+
+    def position_table(self, num_distances: int, device: torch.device) -> Tensor:
+        """(N, E) sinusoids of the distances 0, 1, ..., N-1."""
+        return sinusoid(torch.arange(num_distances, device=device), self.config.dim).to(self.dtype)
+
+    # -- one layer -----------------------------------------------------------------------------
+    def attend(
+        self,
+        layer: int,
+        x: Tensor,
+        memory: LayerMemory,
+        prefix: tuple[Tensor, Tensor, Tensor] | None,
+        r: Tensor,
+        hide_older_than: Tensor | None = None,
+        with_loss: bool = True,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+        """Run block ``layer`` on ``x`` (B, T, E), placed after ``prefix`` in its segment.
+
+        Args:
+            memory: the layer's memory.
+            prefix: keys, values (B, H, P, D) and spans (B, P) of the segment's first P positions
+                (streaming), or None at the start of a segment.
+            r: (H, N, D) projected position table covering every distance in use.
+            hide_older_than: optional (B,) long; memory entries at least this old are hidden
+                from this segment's attention (random shortening).
+            with_loss: compute the span loss (streaming generation does not need it).
+
+        Returns:
+            The block's output (B, T, E), the keys, values and spans of ``x``, and the
+            unweighted span loss summed over pairs in the ramp, divided by (R T B).
+
+        This is :class:`RelativeMemoryBlock`'s forward with two changes: the position scores
+        come from per-pair distances, and ``log m`` joins the score bias. The shared
+        :class:`RelativeMemoryAttention` derives distances from key indices, which no longer
+        give distances once entries are dropped.
+        """
+        cfg = self.config
+        block = self.blocks[layer]
+        attn = block.attn
+        batch, length, _ = x.shape
+        offset = 0 if prefix is None else prefix[0].shape[-2]
+        mem_len = memory.age.shape[1]
+
+        h = block.attn_norm(x)
+        new_spans = self.spans(layer, h)  # (B, T)
+        q = attn.to_q(h).view(batch, length, attn.heads, attn.head_dim).transpose(1, 2)
+        k_new, v_new = attn.project_kv(h)  # (B, H, T, D)
+        keys, values, spans = [k_new], [v_new], [new_spans]
+        if prefix is not None:
+            keys.insert(0, prefix[0])
+            values.insert(0, prefix[1])
+            spans.insert(0, prefix[2])
+        if memory.kv is not None:
+            keys.insert(0, memory.kv[0])
+            values.insert(0, memory.kv[1])
+        spans.insert(0, memory.spans)
+        k, v = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        all_spans = torch.cat(spans, dim=-1)  # (B, K)
+
+        # every key's distance to segment position 0: its age, or -j for segment position j
+        base = torch.cat(
+            (memory.age, -torch.arange(offset + length, device=x.device).expand(batch, -1)), dim=1
+        )  # (B, K)
+        key_valid = F.pad(memory.valid, (0, offset + length), value=True)  # (B, K)
+        queries = torch.arange(offset, offset + length, device=x.device)
+        distances = (base[:, None, :] + queries[None, :, None]).clamp(min=0)  # (B, T, K)
+        span_loss = x.new_zeros((), dtype=torch.float32)
+        if with_loss:
+            counts = ramp_counts(all_spans, base, key_valid, offset, length, cfg.ramp_len)
+            span_loss = (counts * all_spans).sum() / (cfg.ramp_len * length * batch)
+        if hide_older_than is not None:
+            seen = memory.age < hide_older_than[:, None]  # (B, M)
+            key_valid = key_valid & F.pad(seen, (0, offset + length), value=True)
+        log_mask = log_expire_mask(all_spans, base, key_valid, offset, length, cfg.ramp_len)
+
+        position_scores = gather_position_scores(
+            (q + attn.position_bias[:, None, :]) * attn.scale, r, distances
+        )  # (B, H, T, K), already scaled
+        out = memory_attention(
+            q + attn.content_bias[:, None, :],
+            k,
+            v,
+            bias=position_scores + log_mask[:, None].to(q.dtype),
+            scale=attn.scale,
+            dropout_p=attn.attn_dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        x = x + attn.dropout(attn.to_out(out))
+        x = x + block.ff_dropout(block.ff(block.ff_norm(x)))
+        return x, (k_new, v_new, new_spans), span_loss
+
+    # -- expiry --------------------------------------------------------------------------------
+    def expire(
+        self,
+        memories: list[LayerMemory],
+        hiddens: Tensor,
+        spans: list[Tensor],
+    ) -> ExpireSpanMemory:
+        """The state after a segment whose layer inputs are ``hiddens`` (L, B, T, E) and whose
+        keys ``[memory; segment]`` had spans ``spans[l]`` (B, M_l + T): entries whose mask is 0
+        for the next segment's first query are dropped, then all but the newest ``mem_len``;
+        the rest is compacted to the right of each row."""
+        cfg = self.config
+        length = hiddens.shape[2]
+        new_age = torch.arange(length, 0, -1, device=hiddens.device)  # T, ..., 1
+        kept = []
+        for memory, layer_inputs, layer_spans in zip(memories, hiddens, spans):
+            batch = layer_inputs.shape[0]
+            age = torch.cat((memory.age + length, new_age.expand(batch, -1)), dim=1)  # (B, K)
+            valid = F.pad(memory.valid, (0, length), value=True)
+            # the next query sees an entry iff its mask there is > 0, i.e. e + R - age > 0
+            keep = valid & (layer_spans.detach() + cfg.ramp_len - age > 0)
+            newer = keep.flip(-1).cumsum(-1).flip(-1)  # kept entries at or after each one
+            keep = keep & (newer <= cfg.mem_len)
+            mem = torch.cat((memory.mem, layer_inputs.detach().to(memory.mem.dtype)), dim=1)
+            kept.append((mem, keep, age))
+        num_kept = max(int(keep.sum(-1).max()) for _, keep, _ in kept)
+        mems, valids, ages = [], [], []
+        for mem, keep, age in kept:
+            if keep.shape[1] < num_kept:  # a layer shorter than the longest kept row elsewhere
+                pad = num_kept - keep.shape[1]
+                mem = F.pad(mem, (0, 0, pad, 0))
+                keep, age = F.pad(keep, (pad, 0)), F.pad(age, (pad, 0))
+            # a stable sort puts dropped entries first and kept ones last, in time order
+            order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
+            order = order[:, order.shape[1] - num_kept :]
+            valid = keep.gather(1, order)
+            mems.append(mem.gather(1, order[..., None].expand(-1, -1, mem.shape[-1]))
+                        * valid[..., None])
+            valids.append(valid)
+            ages.append(age.gather(1, order) * valid)
+        return ExpireSpanMemory(
+            mem=torch.stack(mems), valid=torch.stack(valids), age=torch.stack(ages)
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward_segment(
+        self, input_ids: Tensor, state: ExpireSpanMemory
+    ) -> tuple[Tensor, ExpireSpanMemory, Tensor]:
+        cfg = self.config
+        batch, length = input_ids.shape
+        x = self.dropout(self.embed(input_ids))
+        memories = [self.layer_memory(state, i) for i in range(cfg.depth)]
+        oldest = int(state.age.max()) if state.age.numel() else 0
+        pos_emb = self.dropout(self.position_table(oldest + length, x.device))
+        hide = None
+        if self.training and cfg.shorten_prob > 0:
+            shortened = torch.rand(batch, device=x.device) < cfg.shorten_prob
+            limit = torch.randint(0, cfg.max_span, (batch,), device=x.device)
+            # rows not shortened get a limit no entry reaches (ages stay below e + R)
+            unreachable = torch.full_like(limit, cfg.max_span + cfg.ramp_len)
+            hide = torch.where(shortened, limit, unreachable)
+        layer_inputs, spans = [], []
+        span_loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        for i, (block, memory) in enumerate(zip(self.blocks, memories)):
+            layer_inputs.append(x)
+            num_distances = (int(memory.age.max()) if memory.age.numel() else 0) + length
+            r = block.attn.project_positions(pos_emb[:num_distances])
+            x, (_, _, new_spans), loss = self.attend(i, x, memory, None, r, hide)
+            spans.append(torch.cat((memory.spans, new_spans), dim=1))
+            span_loss = span_loss + loss
+        logits = self.head(self.norm(x))
+        next_state = self.expire(memories, torch.stack(layer_inputs), spans)
+        return logits, next_state, cfg.span_loss_coef * span_loss
+
+    def stream(
+        self, state: ExpireSpanMemory | None = None, batch_size: int = 1
+    ) -> "ExpireSpanStream":
+        return ExpireSpanStream(self, state, batch_size)
+
+
+class ExpireSpanStream(Stream):
+    """Streaming decoder with a key/value cache of ``[memory; partial segment]`` per layer.
+
+    At the start of a segment each layer's memory is projected once (keys, values, spans) and the
+    position table is built up to the oldest entry; every new token then costs one query against
+    at most ``mem_len + seq_len`` keys, as in :class:`TransformerXLStream`, and fewer when entries
+    have expired. At a segment boundary the segment is committed with :meth:`ExpireSpan.expire`,
+    exactly as a training forward pass does.
+    """
+
+    model: ExpireSpan
+
+    def __init__(self, model: ExpireSpan, state: ExpireSpanMemory | None, batch_size: int) -> None:
+        super().__init__(model, state, batch_size)
+        self._start_segment()
+
+    def _start_segment(self) -> None:
+        model = self.model
+        self._memories = [model.layer_memory(self.state, i) for i in range(model.config.depth)]
+        pos_emb = model.position_table(
+            (int(self.state.age.max()) if self.state.age.numel() else 0) + model.config.seq_len,
+            model.device,
+        )
+        self._positions = [
+            block.attn.project_positions(pos_emb[: (int(m.age.max()) if m.age.numel() else 0)
+                                                  + model.config.seq_len])
+            for block, m in zip(model.blocks, self._memories)
+        ]
+        self._prefix: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(model.blocks)
+        self._layer_inputs: list[list[Tensor]] = [[] for _ in model.blocks]
+
+    def _commit(self) -> None:
+        hiddens = torch.stack([torch.cat(chunks, dim=1) for chunks in self._layer_inputs])
+        spans = [torch.cat((m.spans, p[2]), dim=1) for m, p in zip(self._memories, self._prefix)]
+        self.state = self.model.expire(self._memories, hiddens, spans)
+        self._start_segment()
+
+    def _advance(self, input_ids: Tensor) -> Tensor:
+        model = self.model
+        x = model.embed(input_ids)
+        for i in range(len(model.blocks)):
+            self._layer_inputs[i].append(x)
+            prefix = self._prefix[i]
+            x, (k, v, spans), _ = model.attend(
+                i, x, self._memories[i], prefix, self._positions[i], with_loss=False
+            )
+            self._prefix[i] = (k, v, spans) if prefix is None else (
+                torch.cat((prefix[0], k), dim=-2),
+                torch.cat((prefix[1], v), dim=-2),
+                torch.cat((prefix[2], spans), dim=-1),
+            )
+        return model.head(model.norm(x))
