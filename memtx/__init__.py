@@ -35,6 +35,7 @@ from memtx.models.transformer_xl import TransformerXL, TransformerXLConfig  # no
 from memtx.models.gateloop import GateLoop, GateLoopConfig, GateLoopState  # noqa: E402
 from memtx.models.memformer import Memformer, MemformerConfig, MemformerState  # noqa: E402
 from memtx.models.expire_span import ExpireSpan, ExpireSpanConfig, ExpireSpanMemory  # noqa: E402
+from memtx.models.memory_xl import MemoryXL, MemoryXLConfig, MemoryXLState  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,9 @@ __all__ = [
     "MemformerConfig",
     "MemformerState",
     "MemoryLM",
+    "MemoryXL",
+    "MemoryXLConfig",
+    "MemoryXLState",
     "MemtxError",
     "ModelConfig",
     "NonFiniteLossError",
