@@ -10,7 +10,8 @@ Measures, for a given architecture and config:
   ``6 x non-embedding params x tokens + 12 x layers x heads x head_dim x keys x tokens``
   (the position-score matmuls of relative attention are real work but are *not* counted, so the
   fraction is a lower bound);
-* peak memory of a training step, each contender measured in a fresh subprocess.
+* peak memory of steady-state training steps (memory filled), each contender in a fresh
+  subprocess.
 
 The machines this runs on are shared and noisy, so contenders are timed alternately (A B A B)
 in one process and the median ratio is reported; the matmul rate is timed the same way.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -160,26 +162,54 @@ def _peak_rss_worker(cfg: SpeedConfig, which: str, queue: "mp.Queue[float]") -> 
         train, _ = memtx_steps(model, cfg.batch_size, cfg.seed)
     else:
         train, _, _ = _REFERENCES[cfg.arch](model, cfg.batch_size, cfg.seed)
+    # fill the memory first: a model whose memory is still growing is cheaper than in steady state
+    cfg_model = model.config
+    fill_steps = getattr(cfg_model, "mem_len", 0) // cfg_model.seq_len + 1
+    for _ in range(fill_steps):
+        train()
     before = _current_rss_kib()
+    _reset_peak_rss()
     for _ in range(3):
         train()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak, KiB on Linux
-    queue.put((after - before) / 1024.0)
+    queue.put((_peak_rss_kib() - before) / 1024.0)
+
+
+def _proc_status_kib(field_name: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _current_rss_kib() -> float:
     """Resident memory now (not the peak, which importing torch may already have set)."""
+    value = _proc_status_kib("VmRSS")
+    return value if value is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (Linux), so the peak covers only what follows."""
     try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * resource.getpagesize() / 1024.0
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     except OSError:
-        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        pass
+
+
+def _peak_rss_kib() -> float:
+    value = _proc_status_kib("VmHWM")
+    return value if value is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def peak_training_memory_mib(cfg: SpeedConfig, which: str) -> float:
-    """Peak resident memory of three training steps above the memory held before them (model,
-    optimizer, data), in a fresh process (MiB)."""
+    """Peak resident memory of three steady-state training steps (memory filled) above the
+    memory held before them (model, optimizer, memory state), in a fresh process (MiB)."""
+    # glibc keeps small freed blocks resident; returning them lets the peak reflect live memory
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_worker, args=(cfg, which, queue))
