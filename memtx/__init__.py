@@ -36,6 +36,7 @@ from memtx.models.gateloop import GateLoop, GateLoopConfig, GateLoopState  # noq
 from memtx.models.memformer import Memformer, MemformerConfig, MemformerState  # noqa: E402
 from memtx.models.expire_span import ExpireSpan, ExpireSpanConfig, ExpireSpanMemory  # noqa: E402
 from memtx.models.memory_xl import MemoryXL, MemoryXLConfig, MemoryXLState  # noqa: E402
+from memtx.models.compressive import CompressiveConfig, CompressiveMemory, CompressiveTransformer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -55,6 +56,9 @@ def load(directory: str | os.PathLike[str], *, device: str | None = None) -> Mem
 
 __all__ = [
     "CheckpointError",
+    "CompressiveConfig",
+    "CompressiveMemory",
+    "CompressiveTransformer",
     "ConfigError",
     "ExpireSpan",
     "ExpireSpanConfig",
