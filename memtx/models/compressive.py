@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
+from memtx.layers.init import init_gpt2_weights
 from memtx.errors import InputError
 from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
@@ -536,7 +537,7 @@ class CompressiveTransformer(MemoryLM):
         )
         self.norm = nn.LayerNorm(cfg.dim) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
-        self.apply(self._init_weights)
+        self.apply(init_gpt2_weights)
         for block in self.blocks:  # GPT-2's scaling keeps the residual stream's variance flat
             for proj in (block.attn.to_out, block.ff.w2):
                 nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
@@ -544,13 +545,6 @@ class CompressiveTransformer(MemoryLM):
             # row ``base - 1 - d`` embeds distance d, base = C + M + seq_len (see positions())
             table = torch.zeros(cfg.heads, cfg.seq_len + cfg.mem_len + cfg.cmem_len, cfg.dim // cfg.heads)
             self.pos_table = nn.Parameter(table)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(

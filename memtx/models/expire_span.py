@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
+from memtx.layers.init import init_gpt2_weights
 from memtx.errors import StateError
 from memtx.generation import Stream
 from memtx.layers.attention import KeyValue
@@ -283,7 +284,7 @@ class ExpireSpan(MemoryLM):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # the same initialisation as transformer_xl, so the two differ only by the spans
-        self.apply(self._init_weights)
+        self.apply(init_gpt2_weights)
         for block in self.blocks:
             for proj in (block.attn.to_out, block.ff.w2):
                 nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
@@ -294,13 +295,6 @@ class ExpireSpan(MemoryLM):
             )
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from memtx.config import ModelConfig
+from memtx.layers.init import init_gpt2_weights
 from memtx.errors import InputError, StateError
 from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
@@ -508,20 +509,13 @@ class MemoryXL(MemoryLM):
         if cfg.positions == "learned":  # shared by every layer, zero at the start as the seed's
             self.pos_table = nn.Parameter(torch.zeros(cfg.heads, self.table_len, cfg.dim // cfg.heads))
         self.writer = LongMemoryWriter(cfg) if self.memory_layers else None
-        self.apply(self._init_weights)
+        self.apply(init_gpt2_weights)
         # GPT-2's scaling of residual projections keeps the residual stream's variance flat
         for block in self.blocks:
             for proj in (block.attn.to_out, block.ff.w2):
                 nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(

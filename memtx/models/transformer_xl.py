@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
+from memtx.layers.init import init_gpt2_weights
 from memtx.generation import Stream
 from memtx.layers.attention import KeyValue
 from memtx.layers.blocks import RelativeMemoryBlock
@@ -87,20 +88,13 @@ class TransformerXL(MemoryLM):
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self.apply(init_gpt2_weights)
         # GPT-2's scaling of residual projections keeps the residual stream's variance flat
         for block in self.blocks:
             for proj in (block.attn.to_out, block.ff.w2):
                 nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(

@@ -1,0 +1,14 @@
+"""Weight initialisation shared by the Transformer-XL family."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def init_gpt2_weights(module: nn.Module) -> None:
+    """GPT-2's initialisation: N(0, 0.02) for linear and embedding weights, zero biases.
+    Use with ``model.apply(init_gpt2_weights)``."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
