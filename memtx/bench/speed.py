@@ -148,9 +148,10 @@ def training_flops_per_step(model: memtx.MemoryLM, batch_size: int) -> float:
     """``6 N T + 12 L H D_h K T`` (see module docstring) for one training step."""
     cfg = model.config
     tokens = batch_size * cfg.seq_len
-    head_dim = getattr(cfg, "head_dim", None) or cfg.dim // cfg.heads
+    heads = getattr(cfg, "resolved_heads", None) or cfg.heads or 1
+    head_dim = getattr(cfg, "head_dim", None) or cfg.dim // heads
     keys = getattr(cfg, "mem_len", 0) + (cfg.seq_len + 1) / 2  # mean keys per query
-    attention = 12 * cfg.depth * cfg.heads * head_dim * keys * tokens
+    attention = 12 * cfg.depth * heads * head_dim * keys * tokens
     return 6 * model.num_parameters(non_embedding=True) * tokens + attention
 
 
