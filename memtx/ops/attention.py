@@ -55,27 +55,6 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _masked_bias(
-    num_queries: int,
-    num_keys: int,
-    bias: Tensor | None,
-    key_valid: Tensor | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """Additive float mask: ``bias`` where attention is allowed, -inf elsewhere."""
-    blocked = _causal_blocked(num_queries, num_keys, torch.device(device))  # (T, K)
-    if key_valid is not None:
-        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
-    if bias is None:
-        return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(
-            blocked, float("-inf")
-        )
-    if blocked.dim() == 4 and bias.shape[0] != blocked.shape[0]:
-        bias = bias.expand(blocked.shape[0], *bias.shape[1:])
-    return bias.to(dtype).masked_fill(blocked, float("-inf"))
-
-
 def memory_attention(
     q: Tensor,
     k: Tensor,
@@ -121,14 +100,20 @@ def memory_attention(
     # path anyway; writing it out lets the bias ride in the score matmul (baddbmm).
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     batch, heads, _, dim = q.shape
-    masked = _masked_bias(num_queries, num_keys, bias, key_valid, q.dtype, q.device)
-    masked = masked.expand(batch, heads, num_queries, num_keys).reshape(-1, num_queries, num_keys)
+    if bias is None:
+        bias = torch.zeros((), dtype=q.dtype, device=q.device)
+    bias = bias.to(q.dtype).expand(batch, heads, num_queries, num_keys)
     scores = torch.baddbmm(
-        masked,
+        bias.reshape(-1, num_queries, num_keys),
         q.reshape(-1, num_queries, dim),
         k.reshape(-1, num_keys, dim).transpose(1, 2),
         alpha=scale,
-    )  # (B*H, T, K)
+    ).view(batch, heads, num_queries, num_keys)
+    # masking the fresh scores in place saves a masked copy of the bias, forward and backward
+    blocked = _causal_blocked(num_queries, num_keys, q.device)  # (T, K)
+    if key_valid is not None:
+        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
+    scores = scores.masked_fill_(blocked, float("-inf")).view(-1, num_queries, num_keys)
     weights = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p else scores.softmax(dim=-1)
     out = torch.bmm(weights, v.reshape(-1, num_keys, v.shape[-1]))
     return out.view(batch, heads, num_queries, -1)
