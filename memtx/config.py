@@ -115,6 +115,11 @@ class ModelConfig:
             value = getattr(self, field_name)
             raise ConfigError(f"{type(self).__name__}.{field_name}={value!r} {message}")
 
+    def require_probabilities(self, *field_names: str) -> None:
+        """Each named field (a dropout rate) must lie in [0, 1)."""
+        for name in field_names:
+            self.require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+
     # -- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

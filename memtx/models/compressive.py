@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
-from memtx.layers.init import init_gpt2_weights
+from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError
 from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
@@ -184,8 +184,9 @@ class CompressiveConfig(ModelConfig):
         if self.mogrify_gru:
             self.require(self.dim >= 8, "dim", "must be at least 8 for the Mogrifier (rank dim // 4)")
         self.require(self.ff_mult >= 1, "ff_mult", "must be at least 1")
-        for name in ("attn_dropout", "attn_layer_dropout", "ff_dropout", "reconstruction_attn_dropout"):
-            self.require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        self.require_probabilities(
+            "attn_dropout", "attn_layer_dropout", "ff_dropout", "reconstruction_attn_dropout"
+        )
         self.require(self.reconstruction_loss_weight >= 0, "reconstruction_loss_weight", "must be >= 0")
 
     def memory_layer_indices(self) -> list[int]:
@@ -538,9 +539,7 @@ class CompressiveTransformer(MemoryLM):
         self.norm = nn.LayerNorm(cfg.dim) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
         self.apply(init_gpt2_weights)
-        for block in self.blocks:  # GPT-2's scaling keeps the residual stream's variance flat
-            for proj in (block.attn.to_out, block.ff.w2):
-                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
+        scale_residual_projections(self.blocks, cfg.depth)
         if cfg.positions == "learned":
             # row ``base - 1 - d`` embeds distance d, base = C + M + seq_len (see positions())
             table = torch.zeros(cfg.heads, cfg.seq_len + cfg.mem_len + cfg.cmem_len, cfg.dim // cfg.heads)

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
-from memtx.layers.init import init_gpt2_weights
+from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import StateError
 from memtx.generation import Stream
 from memtx.layers.attention import KeyValue
@@ -134,8 +134,7 @@ class ExpireSpanConfig(ModelConfig):
         self.require(0.0 <= self.shorten_prob <= 1.0, "shorten_prob", "must be in [0, 1]")
         self.require(self.mem_len >= 1, "mem_len", "must be at least 1")
         self.require(self.ff_mult >= 1, "ff_mult", "must be at least 1")
-        self.require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        self.require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+        self.require_probabilities("dropout", "attn_dropout")
 
 
 @dataclass(frozen=True)
@@ -285,9 +284,7 @@ class ExpireSpan(MemoryLM):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # the same initialisation as transformer_xl, so the two differ only by the spans
         self.apply(init_gpt2_weights)
-        for block in self.blocks:
-            for proj in (block.attn.to_out, block.ff.w2):
-                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
+        scale_residual_projections(self.blocks, cfg.depth)
         for predictor in self.span_predictors:
             nn.init.zeros_(predictor.weight)
             nn.init.constant_(

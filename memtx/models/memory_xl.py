@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from memtx.config import ModelConfig
-from memtx.layers.init import init_gpt2_weights
+from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError, StateError
 from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
@@ -184,8 +184,7 @@ class MemoryXLConfig(ModelConfig):
             )
             self.require(self.dim >= 8, "dim", "must be at least 8 with mogrify (rank dim // 4)")
         self.require(self.ff_mult >= 1, "ff_mult", "must be at least 1")
-        self.require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        self.require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+        self.require_probabilities("dropout", "attn_dropout")
 
     def memory_layer_indices(self) -> list[int]:
         """0-based indices of the memory layers, in order."""
@@ -510,10 +509,7 @@ class MemoryXL(MemoryLM):
             self.pos_table = nn.Parameter(torch.zeros(cfg.heads, self.table_len, cfg.dim // cfg.heads))
         self.writer = LongMemoryWriter(cfg) if self.memory_layers else None
         self.apply(init_gpt2_weights)
-        # GPT-2's scaling of residual projections keeps the residual stream's variance flat
-        for block in self.blocks:
-            for proj in (block.attn.to_out, block.ff.w2):
-                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
+        scale_residual_projections(self.blocks, cfg.depth)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 

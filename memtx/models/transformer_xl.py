@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from memtx.config import ModelConfig
-from memtx.layers.init import init_gpt2_weights
+from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.generation import Stream
 from memtx.layers.attention import KeyValue
 from memtx.layers.blocks import RelativeMemoryBlock
@@ -63,8 +63,7 @@ class TransformerXLConfig(ModelConfig):
             self.require(self.head_dim >= 1, "head_dim", "must be positive")
         self.require(self.mem_len >= 0, "mem_len", "must be >= 0 (0 disables the memory)")
         self.require(self.ff_mult >= 1, "ff_mult", "must be at least 1")
-        self.require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        self.require(0.0 <= self.attn_dropout < 1.0, "attn_dropout", "must be in [0, 1)")
+        self.require_probabilities("dropout", "attn_dropout")
 
 
 @register("transformer_xl")
@@ -89,10 +88,7 @@ class TransformerXL(MemoryLM):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(init_gpt2_weights)
-        # GPT-2's scaling of residual projections keeps the residual stream's variance flat
-        for block in self.blocks:
-            for proj in (block.attn.to_out, block.ff.w2):
-                nn.init.normal_(proj.weight, std=0.02 / (2 * cfg.depth) ** 0.5)
+        scale_residual_projections(self.blocks, cfg.depth)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
