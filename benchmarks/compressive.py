@@ -32,68 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import memtx
 from memtx.bench import speed
+from memtx.bench.references import REFERENCE_OPTIONS_ENV, compressive_reference_steps
 
-
-# "defaults": the reference as shipped (GRU-gated residuals, enhanced recurrence), the bars'
-# baseline; "mirror": the reference with the memtx model's structural options. An environment
-# variable, so that the peak-memory subprocesses (spawned) see the choice too.
-REFERENCE_OPTIONS_ENV = "MEMTX_BENCH_REFERENCE_OPTIONS"
-
-
-@speed.register_reference("compressive")
-def reference_steps(model: memtx.MemoryLM, batch_size: int, seed: int):
-    """Train/infer steps and ``generate(n)`` of compressive-transformer-pytorch with the sizes
-    of ``model`` (and its options when $MEMTX_BENCH_REFERENCE_OPTIONS is "mirror")."""
-    from compressive_transformer_pytorch import AutoregressiveWrapper, CompressiveTransformer
-
-    cfg = model.config
-    torch.manual_seed(seed)
-    options = {}
-    if os.environ.get(REFERENCE_OPTIONS_ENV, "defaults") == "mirror":
-        options = dict(
-            memory_layers=[i + 1 for i in cfg.memory_layer_indices()],
-            enhanced_recurrence=cfg.enhanced_recurrence, gru_gated_residual=cfg.gru_gated_residual,
-            mogrify_gru=cfg.mogrify_gru, ff_glu=cfg.ff_glu,
-        )
-    ref = CompressiveTransformer(
-        num_tokens=cfg.vocab_size, dim=cfg.dim, seq_len=cfg.seq_len, depth=cfg.depth,
-        heads=cfg.heads, mem_len=cfg.mem_len, cmem_len=cfg.cmem_len, cmem_ratio=cfg.compress_ratio,
-        reconstruction_loss_weight=cfg.reconstruction_loss_weight, **options,
-    )
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    params = [p for p in ref.parameters()]
-    try:
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    train_mem: list = [None]
-    infer_mem: list = [None]
-
-    def train() -> None:
-        ref.train()
-        logits, train_mem[0], aux = ref(inputs, memories=train_mem[0])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        (loss + aux.sum()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def infer() -> None:
-        ref.eval()
-        _, infer_mem[0], _ = ref(inputs, memories=infer_mem[0])
-
-    wrapper = AutoregressiveWrapper(ref)
-
-    def generate(num_tokens: int) -> None:
-        wrapper.generate(torch.zeros(1, 1, dtype=torch.long), num_tokens)
-
-    return train, infer, generate
 
 
 # ============================================================================================
@@ -145,7 +88,7 @@ def run_bars(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         model = memtx.build("compressive", **model_cfg)
         train, _ = speed.memtx_steps(model, args.batch_size, 0)
-        ref_train, _, ref_generate = reference_steps(model, args.batch_size, 0)
+        ref_train, _, ref_generate = compressive_reference_steps(model, args.batch_size, 0)
         log(f"training mem {mem_len}")
         times = speed.alternate({"memtx": train, "reference": ref_train}, args.steps, args.warmup)
         tokens = args.batch_size * 256

@@ -13,48 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 
-from memtx.bench import speed
+from memtx.bench import references, speed  # noqa: F401  (registers the reference)
 
-
-@speed.register_reference("gateloop")
-def reference_steps(model, batch_size: int, seed: int):
-    from gateloop_transformer import Transformer
-
-    cfg = model.config
-    ref = Transformer(
-        dim=cfg.dim, num_tokens=cfg.vocab_size, depth=cfg.depth,
-        gate_loop_heads=cfg.heads, ff_mult=cfg.ff_mult,
-    )
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)
-    try:
-        optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-4, foreach=True)
-
-    def train() -> None:
-        ref.train()
-        ref(tokens, return_loss=True).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def infer() -> None:
-        ref.eval()
-        ref(tokens[:, :-1])
-
-    @torch.no_grad()
-    def generate(num_tokens: int) -> None:
-        # the reference has no cache: every new token recomputes the whole prefix
-        ref.eval()
-        seq = torch.zeros(1, 1, dtype=torch.long)
-        for _ in range(num_tokens):
-            nxt = ref(seq)[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat((seq, nxt), dim=1)
-
-    return train, infer, generate
 
 
 def main() -> None:

@@ -35,64 +35,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 import memtx
-from memtx.bench.speed import alternate, register_reference
+from memtx.bench.references import memory_xl_reference_steps
+from memtx.bench.speed import alternate
 from memtx.models.memory_xl import MemoryXLConfig
 
 StepFn = Callable[[], None]
 SIZES = dict(dim=256, depth=4, heads=8, seq_len=256, lmem_len=256)
-
-
-def _optimizer(params: Any) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-
-
-def reference_model(cfg: MemoryXLConfig) -> torch.nn.Module:
-    """The reference model with the sizes and options of ``cfg`` (guard fixed, see above)."""
-    from memory_transformer_xl import MemoryTransformerXL
-
-    ref = MemoryTransformerXL(
-        num_tokens=cfg.vocab_size, dim=cfg.dim, seq_len=cfg.seq_len, depth=cfg.depth,
-        heads=cfg.heads, mem_len=cfg.mem_len, lmem_len=cfg.lmem_len,
-        memory_layers=[i + 1 for i in cfg.memory_layer_indices()],
-        gru_gated_residual=cfg.residual != "add", mogrify_gru=cfg.mogrify, ff_glu=cfg.ff_glu,
-        one_kv_head=cfg.one_kv_head, num_mem_kv=cfg.num_mem_kv,
-        mem_write_iters=cfg.mem_write_iters,
-    )
-    ref.mem_len = cfg.seq_len
-    return ref
-
-
-@register_reference("memory_xl")
-def reference_steps(model: memtx.MemoryLM, batch_size: int, seed: int) -> tuple[StepFn, StepFn, None]:
-    """The reference's training and inference steps for a model of ``model``'s config."""
-    cfg = model.config
-    ref = reference_model(cfg)
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    optimizer = _optimizer(ref.parameters())
-    memories: list[Any] = [None, None]
-
-    def train() -> None:
-        ref.train()
-        logits, mem = ref(inputs, memories=memories[0], detach_lmem=True)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        memories[0] = type(mem)(mem.short.detach(), mem.long.detach())
-
-    @torch.no_grad()
-    def infer() -> None:
-        ref.eval()
-        memories[1] = ref(inputs, memories=memories[1])[1]
-
-    return train, infer, None
 
 
 def memtx_steps(model: memtx.MemoryLM, batch_size: int, seed: int) -> tuple[StepFn, StepFn, None]:
@@ -117,7 +67,7 @@ def contenders(mem_len: int, batch_size: int, seed: int, which: list[str]) -> di
             out[name] = memtx_steps(model, batch_size, seed)[0]
         elif name == "reference":
             model = memtx.build("memory_xl", MemoryXLConfig.like_seed(**sizes))
-            out[name] = reference_steps(model, batch_size, seed)[0]
+            out[name] = memory_xl_reference_steps(model, batch_size, seed)[0]
         else:
             raise SystemExit(f"unknown contender {name!r}")
     return out

@@ -1,4 +1,4 @@
-"""The ``memtx`` command line: ``train``, ``eval``, ``generate``, ``list``.
+"""The ``memtx`` command line: ``train``, ``eval``, ``generate``, ``list``, ``bench``.
 
 .. code-block:: text
 
@@ -10,6 +10,9 @@
     memtx eval runs/text                          # bpc (or task accuracy), memory carried vs wiped
     memtx generate runs/text --prompt "ROMEO:"    # streams the continuation
     memtx list                                    # architectures, presets, tasks
+    memtx bench recall                            # which memory recalls furthest (~1 hour)
+    memtx bench lm --data text.txt                # bpc at equal time and tokens
+    memtx bench speed --reference                 # tokens/s and memory, vs reference packages
 
 Every field of :class:`memtx.training.RunConfig` and of the chosen architecture's config is an
 option (``--mem-len 256``); ``memtx train --help --model NAME`` lists them. Progress goes to
@@ -242,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("bench", help="compare the architectures side by side: recall, lm, speed",
+                       description="Compare the architectures on the same work. Each command "
+                       "writes JSON, a Markdown table and a PNG plot to --out.")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from memtx.bench import lm, recall, suite
+
+    for name, module, text in (
+        ("recall", recall, "accuracy on associative recall by distance, memory carried vs wiped"),
+        ("lm", lm, "bits per character on a text file at equal training time and tokens"),
+        ("speed", suite, "training/inference/generation speed and peak memory, vs references"),
+    ):
+        q = bench.add_parser(name, help=text, description=(module.__doc__ or text).split("\n\n")[0])
+        module.add_arguments(q)
+        q.set_defaults(func=module.main)
     return parser
 
 

@@ -52,6 +52,13 @@ def register_reference(arch: str):
     return wrap
 
 
+def reference_for(arch: str) -> Callable[..., tuple[StepFn, StepFn, Callable[[int], None] | None]] | None:
+    """The registered reference adapter of ``arch`` (memtx.bench.references), or None."""
+    import memtx.bench.references  # noqa: F401  (registers the adapters)
+
+    return _REFERENCES.get(arch)
+
+
 @dataclass
 class SpeedConfig:
     arch: str = "transformer_xl"
@@ -162,7 +169,7 @@ def _peak_rss_worker(cfg: SpeedConfig, which: str, queue: "mp.Queue[float]") -> 
     if which == "memtx":
         train, _ = memtx_steps(model, cfg.batch_size, cfg.seed)
     else:
-        train, _, _ = _REFERENCES[cfg.arch](model, cfg.batch_size, cfg.seed)
+        train, _, _ = reference_for(cfg.arch)(model, cfg.batch_size, cfg.seed)
     # fill the memory first: a model whose memory is still growing is cheaper than in steady state
     cfg_model = model.config
     fill_steps = getattr(cfg_model, "mem_len", 0) // cfg_model.seq_len + 1
@@ -229,10 +236,10 @@ def run(cfg: SpeedConfig) -> dict[str, Any]:
     train, infer = memtx_steps(model, batch, cfg.seed)
     mm, mm_flops = matmul_step()
     contenders = {"memtx_train": train, "matmul": mm}
-    reference = cfg.reference and cfg.arch in _REFERENCES
+    reference = cfg.reference and reference_for(cfg.arch) is not None
     ref_generate = None
     if reference:
-        ref_train, ref_infer, ref_generate = _REFERENCES[cfg.arch](model, batch, cfg.seed)
+        ref_train, ref_infer, ref_generate = reference_for(cfg.arch)(model, batch, cfg.seed)
         contenders["reference_train"] = ref_train
     times = alternate(contenders, cfg.steps, cfg.warmup)
     infer_contenders = {"memtx_infer": infer}

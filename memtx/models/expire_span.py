@@ -382,7 +382,6 @@ class ExpireSpan(MemoryLM):
         attn = block.attn
         batch, length, _ = x.shape
         offset = 0 if prefix is None else prefix[0].shape[-2]
-        mem_len = memory.age.shape[1]
 
         h = block.attn_norm(x)
         new_spans = self.spans(layer, h)  # (B, T)

@@ -15,7 +15,7 @@ from memtx.models.transformer_xl import TransformerXL, TransformerXLConfig
 from memtx.training import Segment, build_optimizer, evaluate, evaluate_tasks, train_step
 from memtx.training.loop import TaskSource, TextSource, cat_states
 
-from .conftest import make_text
+from memtx.testing import make_text
 
 
 def tiny_model(**overrides) -> memtx.MemoryLM:
