@@ -11,8 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from memtx.ops.attention import memory_attention
-from memtx.ops.position import relative_position_scores
+from memtx.ops.attention import relative_memory_attention
 
 KeyValue = tuple[Tensor, Tensor]  # (B, H, N, D) keys and values
 
@@ -89,20 +88,16 @@ class RelativeMemoryAttention(nn.Module):
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:
             k, v = k_new, v_new
-        # scaling the (B, H, T, D) queries is cheaper than scaling the (B, H, T, K) scores
-        position_scores = relative_position_scores(
-            (q + self.position_bias[:, None, :]) * self.scale, r
-        )  # (B, H, T, K), already scaled
-        if score_bias is not None:
-            position_scores = position_scores + score_bias
-        out = memory_attention(
+        out = relative_memory_attention(
             q + self.content_bias[:, None, :],
+            q + self.position_bias[:, None, :],
             k,
             v,
-            bias=position_scores,
+            r,
             key_valid=key_valid,
             scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            score_bias=score_bias,
         )
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.dropout(self.to_out(out)), (k_new, v_new)

@@ -68,7 +68,7 @@ from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import GatedResidual
 from memtx.modeling import MemoryLM
-from memtx.ops.attention import causal_mask, memory_attention
+from memtx.ops.attention import causal_mask, relative_memory_attention
 from memtx.ops.position import relative_distances, relative_position_scores, sinusoid
 from memtx.reference import register_converter
 from memtx.registry import register
@@ -438,14 +438,13 @@ class CompressiveAttention(nn.Module):
             q_position = q + self.position_bias[:, None, :]
         else:
             q_content = q_position = q
-        # scaling (B, H, T, D) queries is cheaper than scaling (B, H, T, K) scores
-        position_scores = relative_position_scores(q_position * self.scale, r)  # (B, H, T, K)
-        out = memory_attention(
-            q_content, k, v, bias=position_scores, key_valid=key_valid, scale=self.scale,
+        out = relative_memory_attention(
+            q_content, q_position, k, v, r, key_valid=key_valid, scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
         usage = None
         if usage_columns is not None:
+            position_scores = relative_position_scores(q_position * self.scale, r)
             usage = attention_usage(q_content, k, position_scores, key_valid, self.scale)
             usage = usage[:, usage_columns[0] : usage_columns[1]]
         out = out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)

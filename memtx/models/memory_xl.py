@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -69,8 +68,8 @@ from memtx.generation import Stream
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import NBRC, GatedResidual
 from memtx.modeling import MemoryLM
-from memtx.ops.attention import memory_attention
-from memtx.ops.position import relative_distances, relative_position_scores, sinusoid
+from memtx.ops.attention import memory_attention, relative_memory_attention
+from memtx.ops.position import relative_distances, sinusoid
 from memtx.reference import register_converter
 from memtx.registry import register
 from memtx.state import State, memory_field
@@ -299,10 +298,12 @@ class MemoryXLAttention(nn.Module):
                 r: Tensor | None, table: Tensor | None, table_index: Tensor | None) -> Tensor:
         """(B, H, T, D) attention output of queries q over all keys, positions included."""
         if self.sinusoid_positions:
-            assert r is not None
-            scores = relative_position_scores((q + self.position_bias[:, None]) * self.scale, r)
-            position_scores = F.pad(scores, (k.shape[-2] - scores.shape[-1], 0))  # (B, H, T, K)
-            q = q + self.content_bias[:, None]
+            assert r is not None  # keys before the last r.shape[-2] (long memory) have no position
+            return relative_memory_attention(
+                q + self.content_bias[:, None], q + self.position_bias[:, None], k, v, r,
+                key_valid=key_valid, scale=self.scale,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+            )
         else:
             assert table is not None and table_index is not None
             position_scores = learned_position_scores(q * self.scale, table, table_index)

@@ -143,3 +143,180 @@ def memory_attention_ref(
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = scores.softmax(dim=-1)
     return torch.einsum("bhij,bhjd->bhid", weights, v.expand(-1, q.shape[1], -1, -1))
+
+
+# ============================================================================================
+# Transformer-XL attention: content and relative-position scores in one autograd node
+# ============================================================================================
+def _shifted(base: Tensor, num_queries: int, num_pos: int) -> Tensor:
+    """(N, T, P) view of (N, T, P) per-distance scores ``base`` (column c = distance P-1-c) in
+    which entry (i, j) holds distance ``i + P - T - j``: ``base[n, i, j + T - 1 - i]``.
+
+    Row i starts at flat offset ``T - 1 + i (P - 1)`` of each (T, P) matrix, so consecutive
+    rows share one element: (i, P - 1) and (i + 1, 0). The first is always a key after its
+    query (masked), so reading it is harmless; writing through this view (the backward pass)
+    must let the second win. The first T - 1 elements of each matrix are never part of it.
+    """
+    n = base.shape[0]
+    return base.as_strided((n, num_queries, num_pos), (num_queries * num_pos, num_pos - 1, 1),
+                           base.storage_offset() + num_queries - 1)
+
+
+class _RelativeAttention(torch.autograd.Function):
+    """Forward and backward of :func:`relative_memory_attention` written out, so that the
+    (B, H, T, K) tensors are made once each: the scores (position scores read through the
+    shift view, content matmul accumulated into them, mask and softmax in place), and in
+    backward the score gradient and one scatter back through the shift. The generic path
+    (shift view + baddbmm + masked_fill through autograd) copies and zero-fills several more
+    (B, H, T, K) tensors per layer."""
+
+    @staticmethod
+    def forward(ctx, qc, qp, k, v, r, blocked, scale):
+        # every input is already in one dtype (see relative_memory_attention); autocast would
+        # only move the softmax to float32 and back
+        with torch.autocast(qc.device.type, enabled=False):
+            return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale)
+
+    @staticmethod
+    def _forward(ctx, qc, qp, k, v, r, blocked, scale):
+        batch, heads, num_queries, dim = qc.shape
+        num_keys, num_pos = k.shape[-2], r.shape[-2]
+        n = batch * heads
+        qp = (qp * scale).reshape(n, num_queries, dim)
+        r3 = r.expand(batch, -1, -1, -1).reshape(n, num_pos, dim)  # small: (B H, P, D)
+        pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
+        if num_queries > 1:
+            pos = _shifted(pos, num_queries, num_pos)
+        scores = qc.new_empty(n, num_queries, num_keys)
+        if num_pos < num_keys:
+            scores[..., : num_keys - num_pos].zero_()
+        scores[..., num_keys - num_pos:].copy_(pos)
+        del pos
+        k3 = k.reshape(n, num_keys, dim)
+        v3 = v.reshape(n, num_keys, v.shape[-1])
+        qc3 = qc.reshape(n, num_queries, dim)
+        scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
+        scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        del scores
+        out = torch.bmm(weights, v3)
+        ctx.save_for_backward(weights, qc3, qp, k3, v3, r3)
+        ctx.scale = scale
+        ctx.shapes = (batch, heads, num_queries, num_keys, num_pos)
+        return out.view(batch, heads, num_queries, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, qc3, qp, k3, v3, r3 = ctx.saved_tensors
+        batch, heads, num_queries, num_keys, num_pos = ctx.shapes
+        scale = ctx.scale
+        n = batch * heads
+        grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
+        grad_v = torch.bmm(weights.transpose(1, 2), grad_out).view(v3.shape)
+        grad_weights = torch.bmm(grad_out, v3.transpose(1, 2))
+        # masked entries have weight 0, so their score gradient is exactly 0
+        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+        del grad_weights
+        grad_qc = torch.bmm(grad_scores, k3).mul_(scale)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qc3).mul_(scale)
+        grad_pos_keys = grad_scores[..., num_keys - num_pos:]
+        if num_queries > 1:
+            grad_pos = grad_scores.new_empty(n, num_queries, num_pos)
+            grad_pos[:, 0, : num_queries - 1].zero_()  # never read by the shift view
+            view = _shifted(grad_pos, num_queries, num_pos)
+            view.copy_(grad_pos_keys)
+            # shared elements: the valid entry (i + 1, 0) must win over the masked (i, P - 1)
+            view[:, 1:, 0].copy_(grad_pos_keys[:, 1:, 0])
+        else:
+            grad_pos = grad_pos_keys.contiguous()
+        del grad_scores
+        dim = qp.shape[-1]
+        grad_qp = torch.bmm(grad_pos, r3).mul_(scale).view(batch, heads, num_queries, dim)
+        grad_r = None
+        if ctx.needs_input_grad[4]:
+            grad_pos = grad_pos.view(batch, heads, num_queries, num_pos)
+            qp = qp.view(batch, heads, num_queries, dim)
+            grad_r = torch.bmm(grad_pos[0].transpose(1, 2), qp[0])
+            for b in range(1, batch):  # sum over the batch without a permuted copy
+                grad_r.baddbmm_(grad_pos[b].transpose(1, 2), qp[b])
+        return (grad_qc.view(batch, heads, num_queries, -1), grad_qp, grad_k.view(batch, heads, num_keys, -1),
+                grad_v.view(batch, heads, num_keys, -1), grad_r, None, None)
+
+
+def relative_memory_attention(
+    q_content: Tensor,
+    q_position: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    *,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    score_bias: Tensor | None = None,
+) -> Tensor:
+    """Causal Transformer-XL attention: scores ``scale (q_content_i . k_j + q_position_i .
+    r[i + P - T - j])`` over K = M + T keys, where the P = ``r.shape[-2]`` last keys have
+    relative positions (``r`` holds distances P-1, ..., 0, descending) and any K - P keys
+    before them have none (score from content only).
+
+    Args:
+        q_content: (B, H, T, D) queries plus the content bias u.
+        q_position: (B, H, T, D) queries plus the position bias v.
+        k, v: (B, H or 1, K, D) keys and values, memory first.
+        r: (H, P, D) projected embeddings of distances P-1, ..., 0, P <= K.
+        key_valid: optional (B, K) bool, False for keys never to be seen (empty memory).
+        scale: score scale, default ``1/sqrt(D)``.
+        dropout_p: attention dropout (pass 0.0 in eval).
+        score_bias: optional extra additive bias broadcastable to (B, H, T, K).
+
+    Returns:
+        (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
+    """
+    _check_shapes(q_content, k, v)
+    batch, heads, num_queries, dim = q_content.shape
+    num_keys, num_pos = k.shape[-2], r.shape[-2]
+    if not num_queries <= num_pos <= num_keys:
+        raise ValueError(f"need T={num_queries} <= P={num_pos} <= K={num_keys} position embeddings")
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    if dropout_p or score_bias is not None:  # the general path through autograd
+        from memtx.ops.position import relative_position_scores
+
+        pos = relative_position_scores(q_position * scale, r)
+        pos = F.pad(pos, (num_keys - num_pos, 0)) if num_pos < num_keys else pos
+        if score_bias is not None:
+            pos = pos + score_bias
+        return memory_attention(q_content, k, v, bias=pos, key_valid=key_valid, scale=scale,
+                                dropout_p=dropout_p)
+    if k.shape[1] != heads:
+        k = k.expand(-1, heads, -1, -1)
+        v = v.expand(-1, heads, -1, -1)
+    dtype = q_content.dtype
+    blocked = _causal_blocked(num_queries, num_keys, q_content.device)  # (T, K)
+    if key_valid is not None:
+        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
+    return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
+                                    r.to(dtype), blocked, scale)
+
+
+def relative_memory_attention_ref(
+    q_content: Tensor,
+    q_position: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    *,
+    key_valid: Tensor | None = None,
+    scale: float | None = None,
+    score_bias: Tensor | None = None,
+) -> Tensor:
+    """Reference for :func:`relative_memory_attention`: the explicit distance matrix and the
+    plain softmax."""
+    from memtx.ops.position import relative_position_scores_ref
+
+    scale = 1.0 / math.sqrt(q_content.shape[-1]) if scale is None else scale
+    pos = relative_position_scores_ref(q_position * scale, r)
+    pos = F.pad(pos, (k.shape[-2] - r.shape[-2], 0))
+    if score_bias is not None:
+        pos = pos + score_bias
+    return memory_attention_ref(q_content, k, v, bias=pos, key_valid=key_valid, scale=scale)

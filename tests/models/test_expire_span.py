@@ -176,7 +176,8 @@ def test_spans_forced_to_max_equal_transformer_xl(seq_len, mem_len):
     logits, state = _run(model, tokens)
     xl_logits, xl_state = _run(xl, tokens)
     assert rel_rms(logits, xl_logits) < 1e-6
-    assert torch.equal(state.mem, xl_state.mem)
+    # the same math through different attention kernels: equal up to float rounding
+    assert rel_rms(state.mem, xl_state.mem) < 1e-6
     assert state.valid.all()
     assert torch.equal(state.age[0, 0], torch.arange(mem_len, 0, -1))
 
