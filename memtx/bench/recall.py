@@ -119,15 +119,16 @@ def run(cfg: RecallBenchConfig, out: str | Path, *, overwrite: bool = False,
         entry = {
             "params": spec.params,
             "model_config": run_cfg.resolved_model_config().to_dict(),
-            "accuracy_carried": {int(d): a for d, a in final["accuracy_carried"].items()},
-            "accuracy_wiped": {int(d): a for d, a in final["accuracy_wiped"].items()},
-            "answers": {int(d): n for d, n in final["answers"].items()},
+            # keyed by str(distance), as they read back from the JSON file
+            "accuracy_carried": dict(final["accuracy_carried"]),
+            "accuracy_wiped": dict(final["accuracy_wiped"]),
+            "answers": dict(final["answers"]),
             "chance": final["chance"],
             "seconds": seconds,
             "run_dir": str(Path("runs") / spec.arch),
         }
         result["architectures"][spec.arch] = entry
-        acc = " ".join(f"d{d}={entry['accuracy_carried'].get(d, float('nan')):.0%}"
+        acc = " ".join(f"d{d}={entry['accuracy_carried'].get(str(d), float('nan')):.0%}"
                        for d in cfg.distances)
         log(f"    {seconds:.0f}s; carried: {acc}")
     result["seconds"] = time.time() - started
@@ -144,8 +145,8 @@ def markdown(result: dict[str, Any]) -> str:
               + [f"d={d} wiped" for d in distances] + ["train time"])
     rows = []
     for arch, r in result["architectures"].items():
-        carried = [common.fmt_pct(r["accuracy_carried"].get(d)) for d in distances]
-        wiped = [common.fmt_pct(r["accuracy_wiped"].get(d)) for d in distances]
+        carried = [common.fmt_pct(r["accuracy_carried"].get(str(d))) for d in distances]
+        wiped = [common.fmt_pct(r["accuracy_wiped"].get(str(d))) for d in distances]
         rows.append([f"`{arch}`", f"{r['params'] / 1e6:.2f}M", *carried, *wiped,
                      f"{r['seconds'] / 60:.1f} min"])
     chance = next(iter(result["architectures"].values()))["chance"] if rows else 0.1
@@ -166,6 +167,12 @@ def markdown(result: dict[str, Any]) -> str:
                               if k in r['model_config'])
                     for a, r in result["architectures"].items()),
         "",
+        f"Recipe (every architecture): {cfg['steps']} AdamW steps of {cfg['batch_size']} "
+        f"streams x {cfg['bptt_segments']} segments (autograd graph kept across them), lr "
+        f"{cfg['lr']:g} after {cfg['warmup_steps']} warmup steps, cosine decay, seed "
+        f"{cfg['seed']}; evaluated on {cfg['eval_batch_size']} fresh streams x "
+        f"{cfg['eval_segments']} segments (answers per distance in `recall.json`).",
+        "",
         f"Whole bench: {result['seconds'] / 60:.1f} min on {result['machine']['threads']} "
         f"threads (torch {result['machine']['torch']}).",
     ]
@@ -179,11 +186,15 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     distances = result["config"]["distances"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     chance = None
+    markers = "osD^vP*X"
     for i, (arch, r) in enumerate(result["architectures"].items()):
         color = f"C{i}"
-        ax.plot(distances, [r["accuracy_carried"].get(d) for d in distances], "o-", color=color,
-                label=arch)
-        ax.plot(distances, [r["accuracy_wiped"].get(d) for d in distances], ":", color=color,
+        # shrinking markers keep identical curves (one model computing what another does)
+        # visible on top of each other
+        ax.plot(distances, [r["accuracy_carried"].get(str(d)) for d in distances], "-",
+                marker=markers[i % len(markers)], markersize=max(10 - 1.2 * i, 3), color=color,
+                label=arch, alpha=0.85)
+        ax.plot(distances, [r["accuracy_wiped"].get(str(d)) for d in distances], ":", color=color,
                 alpha=0.6)
         chance = r["chance"]
     if chance is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import memtx
-from memtx.bench import common
+from memtx.bench import common, recall
 from memtx.cli import main
 from memtx.errors import ConfigError
 from memtx.training import Segment, TextSource, build_optimizer, evaluate, evaluate_tasks, make_task
@@ -68,6 +68,9 @@ def test_bench_recall_quick_writes_results_that_match_the_saved_models(tmp_path,
         row = next(line for line in table.splitlines() if line.startswith(f"| `{arch}`"))
         assert common.fmt_pct(entry["accuracy_carried"]["1"]) in row
     assert "Answer accuracy by distance" in capsys.readouterr().out
+    # table and plot are rebuilt from the JSON file alone
+    assert recall.markdown(result) + "\n" == table
+    assert recall.plot(result, tmp_path / "again.png").stat().st_size > 1000
 
 
 def test_bench_refuses_to_overwrite_an_earlier_result(tmp_path, capsys):
