@@ -215,13 +215,13 @@ def measure_generation(model: Any, num_tokens: int) -> float:
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     header = ["architecture", "params", f"bpc @ {cfg['minutes']:g} min",
-              f"bpc @ {cfg['tokens'] / 1e6:g}M tokens", "train tok/s", "generate tok/s",
-              "peak train MiB"]
+              f"tokens in {cfg['minutes']:g} min", f"bpc @ {cfg['tokens'] / 1e6:g}M tokens",
+              "train tok/s", "generate tok/s", "peak train MiB"]
     rows = []
     for arch, r in sorted(result["architectures"].items(), key=lambda kv: kv[1]["bpc_at_time"]):
         mem = r.get("peak_train_memory_mib")
         rows.append([f"`{arch}`", f"{r['params'] / 1e6:.2f}M", f"{r['bpc_at_time']:.3f}",
-                     f"{r['bpc_at_tokens']:.3f}", f"{r['train_tokens_per_s']:,.0f}",
+                     f"{r['tokens_at_time'] / 1e6:.2f}M", f"{r['bpc_at_tokens']:.3f}", f"{r['train_tokens_per_s']:,.0f}",
                      f"{r['generate_tokens_per_s']:,.0f}", "" if mem is None else f"{mem:,.0f}"])
     text = [
         f"Validation bits per character of `{Path(cfg['data']).name}` ({result['valid_bytes']:,} "
@@ -232,6 +232,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['batch_size']}.",
         "",
         common.markdown_table(header, rows),
+        "",
+        f"Recipe (every architecture): AdamW, lr {cfg['lr']:g} after {cfg['warmup_steps']} "
+        f"linear warmup steps, then constant; seed {cfg['seed']}; the models train one step "
+        "each in turn in one process, each timing only its own steps. The plot's curve is "
+        f"evaluated on the first {cfg['curve_bytes']:,} bytes of the validation split; the "
+        "table on all of it.",
         "",
         f"Whole bench: {result['seconds'] / 60:.1f} min on {result['machine']['threads']} "
         f"threads (torch {result['machine']['torch']}).",
