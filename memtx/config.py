@@ -61,6 +61,14 @@ def _check_type(value: Any, tp: Any) -> bool:
     return True
 
 
+def _admits_tuple(tp: Any) -> bool:
+    """True if the annotation is a tuple type or a union with one (``tuple[int, ...] | None``)."""
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return any(_admits_tuple(arg) for arg in typing.get_args(tp))
+    return origin is tuple
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Fields every architecture has.
@@ -89,7 +97,7 @@ class ModelConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             tp = hints[f.name]
-            if typing.get_origin(tp) is tuple and isinstance(value, list):
+            if isinstance(value, list) and _admits_tuple(tp):
                 value = tuple(value)  # JSON and TOML give lists
                 object.__setattr__(self, f.name, value)
             if tp is float and isinstance(value, int) and not isinstance(value, bool):

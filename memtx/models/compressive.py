@@ -135,12 +135,6 @@ class CompressiveConfig(ModelConfig):
     reconstruction_loss_weight: float = 1.0
     reconstruction_attn_dropout: float = 0.0
 
-    def __post_init__(self) -> None:
-        # JSON gives a list; ModelConfig only converts non-optional tuple fields
-        if isinstance(self.memory_layers, list):
-            self.memory_layers = tuple(self.memory_layers)
-        super().__post_init__()
-
     def validate(self) -> None:
         super().validate()
         self.require(self.dim % self.heads == 0, "dim", f"must be divisible by heads={self.heads}")

@@ -151,8 +151,6 @@ class MemoryXLConfig(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.memory_layers, list):  # JSON gives lists
-            self.memory_layers = tuple(self.memory_layers)
         self.require(self.dim % self.heads == 0, "dim", f"must be divisible by heads={self.heads}")
         if self.positions == "sinusoid":
             self.require(self.dim % 2 == 0, "dim", "must be even (sinusoidal positions)")

@@ -50,3 +50,15 @@ def test_bad_values_name_the_field(overrides, message):
 def test_int_is_accepted_for_float_fields():
     assert memtx.TransformerXLConfig(dropout=0).dropout == 0.0
     assert isinstance(memtx.TransformerXLConfig(dropout=0).dropout, float)
+
+
+@pytest.mark.parametrize("arch", ["compressive", "memory_xl"])
+def test_lists_from_json_become_tuples_in_optional_tuple_fields(arch):
+    # JSON and TOML give lists; the config (and so its equality, hashing and checkpoints) holds
+    # tuples, also for fields annotated ``tuple[int, ...] | None``
+    cfg = memtx.build(arch, dim=32, heads=2, depth=2, seq_len=8, mem_len=8,
+                      memory_layers=[2]).config
+    assert cfg.memory_layers == (2,)
+    assert type(cfg).from_dict(cfg.to_dict() | {"memory_layers": [1, 2]}).memory_layers == (1, 2)
+    with pytest.raises(ConfigError, match=r"memory_layers must be tuple\[int, \.\.\.\] \| None"):
+        memtx.build(arch, dim=32, heads=2, depth=2, seq_len=8, mem_len=8, memory_layers=["2"])
