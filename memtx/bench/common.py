@@ -139,6 +139,13 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def duration_line(result: dict[str, Any]) -> str:
+    """The closing line of every bench table: how long the whole bench took, where."""
+    machine = result["machine"]
+    return (f"Whole bench: {result['seconds'] / 60:.1f} min on {machine['threads']} threads "
+            f"(torch {machine['torch']}).")
+
+
 def prepare_out_dir(out: str | Path, names: Sequence[str], overwrite: bool) -> Path:
     """``out`` as a directory for ``names``: refuses to replace an earlier result there unless
     ``overwrite`` is set, before any work is done."""

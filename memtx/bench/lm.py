@@ -239,8 +239,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"evaluated on the first {cfg['curve_bytes']:,} bytes of the validation split; the "
         "table on all of it.",
         "",
-        f"Whole bench: {result['seconds'] / 60:.1f} min on {result['machine']['threads']} "
-        f"threads (torch {result['machine']['torch']}).",
+        common.duration_line(result),
     ]
     return "\n".join(text)
 

@@ -173,8 +173,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['seed']}; evaluated on {cfg['eval_batch_size']} fresh streams x "
         f"{cfg['eval_segments']} segments (answers per distance in `recall.json`).",
         "",
-        f"Whole bench: {result['seconds'] / 60:.1f} min on {result['machine']['threads']} "
-        f"threads (torch {result['machine']['torch']}).",
+        common.duration_line(result),
     ]
     return "\n".join(text)
 

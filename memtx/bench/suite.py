@@ -117,7 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         common.markdown_table(header, rows),
         "",
-        f"Whole bench: {result['seconds'] / 60:.1f} min (torch {result['machine']['torch']}).",
+        common.duration_line(result),
     ]
     return "\n".join(text)
 
