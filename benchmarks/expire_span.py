@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
-import os
-import resource
 import statistics
 import sys
 import time
@@ -40,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 import memtx
+from memtx.bench.memory import in_fresh_process, peak_above_now
 from memtx.data.tasks import AssociativeRecall, KEY_TOKEN_BASE, MAX_KEYS, MAX_VALUES, VALUE_TOKEN_BASE
 
 
@@ -156,31 +154,21 @@ def memory_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- speed, peak memory, generation --------------------------------------------------------------
-def _peak_worker(size: dict[str, Any], max_span: int, ramp_len: int, which: str, fraction: float,
-                 batch_size: int, threads: int, queue: "mp.Queue[float]") -> None:
+def _peak_memory(size: dict[str, Any], max_span: int, ramp_len: int, which: str,
+                 fraction: float, batch_size: int, threads: int) -> float:
     torch.set_num_threads(threads)
     xl, es = build_pair(size, max_span, ramp_len=ramp_len)
     if which == "expire_span":
         set_span_fraction(es, fraction)
     step = train_step_fn(xl if which == "transformer_xl" else es, batch_size)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 1024.0
-    for _ in range(8):  # enough segments for a 1024-entry memory to fill up
-        step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0)
+    with peak_above_now() as peak:
+        for _ in range(8):  # enough segments for a 1024-entry memory to fill up
+            step()
+    return peak["mib"]
 
 
 def peak_memory_mib(*args: Any) -> float:
-    # glibc keeps freed heap pages resident, so the resident peak would track fragmentation
-    # rather than live tensors; served by mmap, large blocks go back to the OS when freed
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(*args, queue))
-    proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
-    return result
+    return in_fresh_process(_peak_memory, *args)
 
 
 def generation_costs(xl: memtx.MemoryLM, es: memtx.ExpireSpan, prompt_len: int, tokens: int) -> dict[str, float]:

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -38,7 +36,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 import torch  # noqa: E402
 
 import memtx  # noqa: E402
-from memtx.bench.speed import _current_rss_kib, alternate  # noqa: E402
+from memtx.bench.memory import in_fresh_process, peak_above_now  # noqa: E402
+from memtx.bench.speed import alternate  # noqa: E402
 from memtx.training.mrbp import mrbp  # noqa: E402
 
 
@@ -134,7 +133,7 @@ def alternate_wall_and_cpu(
     return wall, cpu
 
 
-def _memory_worker(args: argparse.Namespace, which: str, queue: "mp.Queue[float]") -> None:
+def _peak_memory(args: argparse.Namespace, which: str) -> float:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = memtx.build(
@@ -148,33 +147,22 @@ def _memory_worker(args: argparse.Namespace, which: str, queue: "mp.Queue[float]
     ]
     for p in model.parameters():  # gradients exist before the measurement in both runs
         p.grad = torch.zeros_like(p)
-    before = _current_rss_kib()
-    if which == "mrbp":
-        mrbp(model, segments)
-    else:
-        state, losses = None, []
-        for inputs, targets in segments:
-            out = model(inputs, state, targets)
-            state = out.state
-            losses.append(out.loss)
-        torch.stack(losses).mean().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    queue.put((peak - before) / 1024.0)
-
-
-def _in_fresh_process(args: argparse.Namespace, which: str) -> float:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(args, which, queue))
-    proc.start()
-    result = queue.get(timeout=3600)
-    proc.join()
-    return result
+    with peak_above_now() as peak:
+        if which == "mrbp":
+            mrbp(model, segments)
+        else:
+            state, losses = None, []
+            for inputs, targets in segments:
+                out = model(inputs, state, targets)
+                state = out.state
+                losses.append(out.loss)
+            torch.stack(losses).mean().backward()
+    return peak["mib"]
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
-    mrbp_mib = _in_fresh_process(args, "mrbp")
-    bptt_mib = _in_fresh_process(args, "bptt")
+    mrbp_mib = in_fresh_process(_peak_memory, args, "mrbp")
+    bptt_mib = in_fresh_process(_peak_memory, args, "bptt")
     return {
         "config": vars(args),
         "segments": args.segments,

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 import memtx
+from memtx.bench.memory import in_fresh_process, peak_above_now
 from memtx.bench.references import memory_xl_reference_steps
 from memtx.bench.speed import alternate
 from memtx.models.memory_xl import MemoryXLConfig
@@ -90,31 +89,20 @@ def speed(mem_len: int, batch_size: int, steps: int, seed: int, which: list[str]
     return result
 
 
-def _current_rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_worker(name: str, mem_len: int, batch_size: int, seed: int, queue: "mp.Queue[float]") -> None:
+def _peak_memory(name: str, mem_len: int, batch_size: int, seed: int) -> float:
     torch.set_num_threads(2)
     train = contenders(mem_len, batch_size, seed, [name])[name]
-    before = _current_rss_mib()  # model, optimizer and data, before any step
-    for _ in range(math.ceil(mem_len / SIZES["seq_len"]) + 3):  # fill the memory, then 3 more
-        train()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before)
+    with peak_above_now() as peak:  # above model, optimizer and data
+        for _ in range(math.ceil(mem_len / SIZES["seq_len"]) + 3):  # fill the memory, 3 more
+            train()
+    return peak["mib"]
 
 
 def peak_memory_mib(name: str, mem_len: int, batch_size: int, seed: int) -> float:
     """Peak resident memory of training (memory filling, then three more steps) above the
     memory held before the first step, in a fresh process. The steps that fill the memory
     hold less memory than those after, so the peak is that of steps with a full memory."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(name, mem_len, batch_size, seed, queue))
-    proc.start()
-    value = queue.get(timeout=3600)
-    proc.join()
-    return value
+    return in_fresh_process(_peak_memory, name, mem_len, batch_size, seed)
 
 
 # -- quality: the default choice ---------------------------------------------------------------

@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import Tensor
 
+from memtx.bench.memory import peak_above_now  # noqa: E402
 from memtx.ops.scan import default_chunk_size, gate_loop_chunked  # noqa: E402
 from memtx.ops.scan_ref import gate_loop_associative_scan_ref  # noqa: E402
 
@@ -122,31 +123,17 @@ def time_config(B: int, H: int, D: int, T: int, rounds: int) -> List[dict]:
     ]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _memory_child(contender: str, B: int, H: int, D: int, T: int) -> None:
     """Runs in a fresh process: one forward + backward, prints peak RSS growth in MiB.
 
-    Uses VmHWM (per address space, so not inherited from the parent the way ru_maxrss is across
-    exec), reset to the current RSS just before the measured call where the kernel allows.
+    See memtx.bench.memory: the peak above the resident memory just before the call.
     """
     inputs = make_inputs(B, H, T, D)
     fn = contenders()[contender]
     fwd_bwd(fn, make_inputs(1, 1, 64, D))  # load kernels/allocator pools outside the window
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        pass
-    base = _status_kib("VmRSS")
-    fwd_bwd(fn, inputs)
-    print(json.dumps({"peak_mib": max(_status_kib("VmHWM") - base, 0) / 1024}))
+    with peak_above_now() as peak:
+        fwd_bwd(fn, inputs)
+    print(json.dumps({"peak_mib": peak["mib"]}))
 
 
 def measure_memory(contender: str, B: int, H: int, D: int, T: int, threads: int) -> str:

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 import memtx
+from memtx.bench.memory import in_fresh_process, peak_above_now
 
 StepFn = Callable[[], None]
 
@@ -162,7 +160,7 @@ def training_flops_per_step(model: memtx.MemoryLM, batch_size: int) -> float:
     return 6 * model.num_parameters(non_embedding=True) * tokens + attention
 
 
-def _peak_rss_worker(cfg: SpeedConfig, which: str, queue: "mp.Queue[float]") -> None:
+def _peak_training_memory(cfg: SpeedConfig, which: str) -> float:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = memtx.build(cfg.arch, **cfg.model)
@@ -175,56 +173,17 @@ def _peak_rss_worker(cfg: SpeedConfig, which: str, queue: "mp.Queue[float]") -> 
     fill_steps = getattr(cfg_model, "mem_len", 0) // cfg_model.seq_len + 1
     for _ in range(fill_steps):
         train()
-    before = _current_rss_kib()
-    _reset_peak_rss()
-    for _ in range(3):
-        train()
-    queue.put((_peak_rss_kib() - before) / 1024.0)
-
-
-def _proc_status_kib(field_name: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _current_rss_kib() -> float:
-    """Resident memory now (not the peak, which importing torch may already have set)."""
-    value = _proc_status_kib("VmRSS")
-    return value if value is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter (Linux), so the peak covers only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_kib() -> float:
-    value = _proc_status_kib("VmHWM")
-    return value if value is not None else float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    with peak_above_now() as peak:
+        for _ in range(3):
+            train()
+    return peak["mib"]
 
 
 def peak_training_memory_mib(cfg: SpeedConfig, which: str) -> float:
     """Peak resident memory of three steady-state training steps (memory filled) above the
-    memory held before them (model, optimizer, memory state), in a fresh process (MiB)."""
-    # glibc keeps small freed blocks resident; returning them lets the peak reflect live memory
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss_worker, args=(cfg, which, queue))
-    proc.start()
-    result = queue.get(timeout=1800)
-    proc.join()
-    return result
+    memory held before them (model, optimizer, memory state), in a fresh process (MiB); see
+    :mod:`memtx.bench.memory`."""
+    return in_fresh_process(_peak_training_memory, cfg, which, timeout=1800)
 
 
 def run(cfg: SpeedConfig) -> dict[str, Any]:
