@@ -18,19 +18,27 @@ from memtx.bench import references, speed  # noqa: F401  (registers the referenc
 
 
 
+CONFIGS = [  # name, heads (None: one channel per head), seq_len, with generation
+    ("heads8_seq1024", 8, 1024, True),
+    ("heads256_seq1024", None, 1024, False),
+    ("heads256_seq4096_memory", None, 4096, False),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--generate-tokens", type=int, default=1024)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", nargs="*", default=None, choices=[c[0] for c in CONFIGS],
+                        help="run only these configurations")
     args = parser.parse_args()
     results = {}
     base = dict(dim=256, depth=4)
-    for name, heads, seq_len, gen in [
-        ("heads8_seq1024", 8, 1024, args.generate_tokens),
-        ("heads256_seq1024", None, 1024, 0),
-        ("heads256_seq4096_memory", None, 4096, 0),
-    ]:
+    for name, heads, seq_len, gen in CONFIGS:
+        if args.only and name not in args.only:
+            continue
+        gen = args.generate_tokens if gen else 0
         cfg = speed.SpeedConfig(
             arch="gateloop", model={**base, "heads": heads, "seq_len": seq_len}, batch_size=4,
             steps=args.steps if "memory" not in name else 1, warmup=1,

@@ -32,9 +32,11 @@ class RelativeMemoryAttention(nn.Module):
         head_dim: int | None = None,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        checkpoint_attention: bool = False,
     ) -> None:
         super().__init__()
         head_dim = head_dim or dim // heads
+        self.checkpoint_attention = checkpoint_attention
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -98,6 +100,7 @@ class RelativeMemoryAttention(nn.Module):
             scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
             score_bias=score_bias,
+            recompute=self.checkpoint_attention,
         )
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.dropout(self.to_out(out)), (k_new, v_new)

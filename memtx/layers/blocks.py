@@ -25,11 +25,13 @@ class RelativeMemoryBlock(nn.Module):
         ff_mult: int = 4,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
+        checkpoint_attention: bool = False,
     ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = RelativeMemoryAttention(
-            dim, heads, head_dim, dropout=dropout, attn_dropout=attn_dropout
+            dim, heads, head_dim, dropout=dropout, attn_dropout=attn_dropout,
+            checkpoint_attention=checkpoint_attention,
         )
         self.ff_norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout=dropout)

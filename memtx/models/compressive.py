@@ -115,6 +115,9 @@ class CompressiveConfig(ModelConfig):
             (0 turns it off).
         reconstruction_attn_dropout: dropout on the attention weights of both sides of the
             reconstruction loss (independent masks, as in the reference).
+        checkpoint_attention: rebuild each layer's (B, H, T, C + M + T) attention weights in
+            the backward pass instead of keeping them (same results; less memory with long
+            memories, for one more score computation per layer in backward).
     """
 
     mem_len: int = 256
@@ -134,6 +137,7 @@ class CompressiveConfig(ModelConfig):
     ff_dropout: float = 0.0
     reconstruction_loss_weight: float = 1.0
     reconstruction_attn_dropout: float = 0.0
+    checkpoint_attention: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -386,6 +390,7 @@ class CompressiveAttention(nn.Module):
             self.content_bias = nn.Parameter(torch.zeros(heads, self.head_dim))  # u
             self.position_bias = nn.Parameter(torch.zeros(heads, self.head_dim))  # v
         self.attn_dropout = cfg.attn_dropout
+        self.checkpoint_attention = cfg.checkpoint_attention
         self.dropout = nn.Dropout(cfg.attn_layer_dropout)
 
     def _split_heads(self, x: Tensor) -> Tensor:
@@ -435,6 +440,7 @@ class CompressiveAttention(nn.Module):
         out = relative_memory_attention(
             q_content, q_position, k, v, r, key_valid=key_valid, scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            recompute=self.checkpoint_attention,
         )
         usage = None
         if usage_columns is not None:

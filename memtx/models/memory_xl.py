@@ -301,6 +301,7 @@ class MemoryXLAttention(nn.Module):
                 q + self.content_bias[:, None], q + self.position_bias[:, None], k, v, r,
                 key_valid=key_valid, scale=self.scale,
                 dropout_p=self.attn_dropout if self.training else 0.0,
+                recompute=self.checkpoint,
             )
         else:
             assert table is not None and table_index is not None
@@ -339,9 +340,10 @@ class MemoryXLAttention(nn.Module):
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:
             k, v = k_new, v_new
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.checkpoint and torch.is_grad_enabled() and not self.sinusoid_positions:
             # the (B, H, T, K) scores and weights are most of a step's activations: recompute
-            # them in the backward pass instead of keeping them
+            # them in the backward pass instead of keeping them (the relative-position op does
+            # this itself, cheaper)
             out = checkpoint(self._attend, q, k, v, key_valid, r, table, table_index,
                              use_reentrant=False)
         else:

@@ -42,6 +42,9 @@ class TransformerXLConfig(ModelConfig):
         dropout: dropout on embeddings, position embeddings and residual branches.
         attn_dropout: dropout on attention weights.
         tie_embeddings: use the input embedding matrix as the output projection.
+        checkpoint_attention: rebuild each layer's (B, H, T, M + T) attention weights in the
+            backward pass instead of keeping them (same results; less memory with long
+            memories, for one more score computation per layer in backward).
     """
 
     mem_len: int = 256
@@ -50,6 +53,7 @@ class TransformerXLConfig(ModelConfig):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     tie_embeddings: bool = True
+    checkpoint_attention: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +86,7 @@ class TransformerXL(MemoryLM):
             RelativeMemoryBlock(
                 cfg.dim, cfg.heads, cfg.head_dim, ff_mult=cfg.ff_mult,
                 dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+                checkpoint_attention=cfg.checkpoint_attention,
             )
             for _ in range(cfg.depth)
         )

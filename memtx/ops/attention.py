@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
@@ -171,45 +172,67 @@ class _RelativeAttention(torch.autograd.Function):
     (B, H, T, K) tensors per layer."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, r, blocked, scale):
+    def forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
         # every input is already in one dtype (see relative_memory_attention); autocast would
         # only move the softmax to float32 and back
         with torch.autocast(qc.device.type, enabled=False):
-            return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale)
+            return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale, recompute)
 
     @staticmethod
-    def _forward(ctx, qc, qp, k, v, r, blocked, scale):
-        batch, heads, num_queries, dim = qc.shape
-        num_keys, num_pos = k.shape[-2], r.shape[-2]
+    def _scores(qc3, qp, k3, r3, blocked, scale, shape):
+        """Masked scores (B H, T, K); ``qp`` already scaled."""
+        batch, heads, num_queries, num_keys, num_pos = shape
         n = batch * heads
-        qp = (qp * scale).reshape(n, num_queries, dim)
-        r3 = r.expand(batch, -1, -1, -1).reshape(n, num_pos, dim)  # small: (B H, P, D)
         pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
         if num_queries > 1:
             pos = _shifted(pos, num_queries, num_pos)
-        scores = qc.new_empty(n, num_queries, num_keys)
+        scores = qc3.new_empty(n, num_queries, num_keys)
         if num_pos < num_keys:
             scores[..., : num_keys - num_pos].zero_()
         scores[..., num_keys - num_pos:].copy_(pos)
         del pos
+        scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
+        scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
+        return scores
+
+    @staticmethod
+    def _forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
+        batch, heads, num_queries, dim = qc.shape
+        num_keys, num_pos = k.shape[-2], r.shape[-2]
+        n = batch * heads
+        shape = (batch, heads, num_queries, num_keys, num_pos)
+        qp = (qp * scale).reshape(n, num_queries, dim)
+        r3 = r.expand(batch, -1, -1, -1).reshape(n, num_pos, dim)  # small: (B H, P, D)
         k3 = k.reshape(n, num_keys, dim)
         v3 = v.reshape(n, num_keys, v.shape[-1])
         qc3 = qc.reshape(n, num_queries, dim)
-        scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
-        scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, shape)
+        if recompute:
+            # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            weights = scores.sub_(lse).exp_()
+            ctx.save_for_backward(lse, qc3, qp, k3, v3, r3, blocked)
+        else:
+            weights = torch.softmax(scores, dim=-1)
+            ctx.save_for_backward(weights, qc3, qp, k3, v3, r3)
         del scores
         out = torch.bmm(weights, v3)
-        ctx.save_for_backward(weights, qc3, qp, k3, v3, r3)
+        ctx.recompute = recompute
         ctx.scale = scale
-        ctx.shapes = (batch, heads, num_queries, num_keys, num_pos)
+        ctx.shapes = shape
         return out.view(batch, heads, num_queries, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, qc3, qp, k3, v3, r3 = ctx.saved_tensors
         batch, heads, num_queries, num_keys, num_pos = ctx.shapes
         scale = ctx.scale
+        if ctx.recompute:
+            lse, qc3, qp, k3, v3, r3, blocked = ctx.saved_tensors
+            with torch.autocast(qc3.device.type, enabled=False):
+                weights = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
+            weights = weights.sub_(lse).exp_()
+        else:
+            weights, qc3, qp, k3, v3, r3 = ctx.saved_tensors
         n = batch * heads
         grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
         grad_v = torch.bmm(weights.transpose(1, 2), grad_out).view(v3.shape)
@@ -240,7 +263,7 @@ class _RelativeAttention(torch.autograd.Function):
             for b in range(1, batch):  # sum over the batch without a permuted copy
                 grad_r.baddbmm_(grad_pos[b].transpose(1, 2), qp[b])
         return (grad_qc.view(batch, heads, num_queries, -1), grad_qp, grad_k.view(batch, heads, num_keys, -1),
-                grad_v.view(batch, heads, num_keys, -1), grad_r, None, None)
+                grad_v.view(batch, heads, num_keys, -1), grad_r, None, None, None)
 
 
 def relative_memory_attention(
@@ -254,6 +277,7 @@ def relative_memory_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     score_bias: Tensor | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """Causal Transformer-XL attention: scores ``scale (q_content_i . k_j + q_position_i .
     r[i + P - T - j])`` over K = M + T keys, where the P = ``r.shape[-2]`` last keys have
@@ -269,6 +293,11 @@ def relative_memory_attention(
         scale: score scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout (pass 0.0 in eval).
         score_bias: optional extra additive bias broadcastable to (B, H, T, K).
+        recompute: do not keep the (B, H, T, K) attention weights for the backward pass (the
+            largest activation of a layer with a long memory) but rebuild them there: from the
+            saved inputs and the softmax normalisers (B, H, T), or, with dropout or
+            ``score_bias``, by replaying the forward pass (``torch.utils.checkpoint``). Same
+            results, for one more score computation per backward pass.
 
     Returns:
         (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
@@ -280,14 +309,11 @@ def relative_memory_attention(
         raise ValueError(f"need T={num_queries} <= P={num_pos} <= K={num_keys} position embeddings")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     if dropout_p or score_bias is not None:  # the general path through autograd
-        from memtx.ops.position import relative_position_scores
-
-        pos = relative_position_scores(q_position * scale, r)
-        pos = F.pad(pos, (num_keys - num_pos, 0)) if num_pos < num_keys else pos
-        if score_bias is not None:
-            pos = pos + score_bias
-        return memory_attention(q_content, k, v, bias=pos, key_valid=key_valid, scale=scale,
-                                dropout_p=dropout_p)
+        args = (q_content, q_position, k, v, r, key_valid, scale, dropout_p, score_bias)
+        if recompute and torch.is_grad_enabled():
+            # checkpoint replays the dropout masks (it restores the RNG state)
+            return checkpoint(_general_relative_attention, *args, use_reentrant=False)
+        return _general_relative_attention(*args)
     if k.shape[1] != heads:
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
@@ -296,7 +322,20 @@ def relative_memory_attention(
     if key_valid is not None:
         blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
     return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
-                                    r.to(dtype), blocked, scale)
+                                    r.to(dtype), blocked, scale, recompute)
+
+
+def _general_relative_attention(q_content, q_position, k, v, r, key_valid, scale, dropout_p,
+                                score_bias):
+    from memtx.ops.position import relative_position_scores
+
+    num_keys, num_pos = k.shape[-2], r.shape[-2]
+    pos = relative_position_scores(q_position * scale, r)
+    pos = F.pad(pos, (num_keys - num_pos, 0)) if num_pos < num_keys else pos
+    if score_bias is not None:
+        pos = pos + score_bias
+    return memory_attention(q_content, k, v, bias=pos, key_valid=key_valid, scale=scale,
+                            dropout_p=dropout_p)
 
 
 def relative_memory_attention_ref(

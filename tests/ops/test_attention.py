@@ -112,11 +112,12 @@ def _rel_inputs(batch, heads, length, mem, extra, dim=8, kv_heads=None, seed=0):
 
 @pytest.mark.parametrize("batch,heads,length,mem,extra", REL_CASES)
 @pytest.mark.parametrize("use_valid", [False, True], ids=["all-valid", "padded-memory"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-weights", "recompute"])
 def test_relative_attention_matches_reference_outputs_and_grads(batch, heads, length, mem, extra,
-                                                                use_valid):
+                                                                use_valid, recompute):
     qc, qp, k, v, r, valid = _rel_inputs(batch, heads, length, mem, extra)
     kwargs = dict(key_valid=valid if use_valid else None, scale=0.37)
-    fast = relative_memory_attention(qc, qp, k, v, r, **kwargs)
+    fast = relative_memory_attention(qc, qp, k, v, r, recompute=recompute, **kwargs)
     ref = relative_memory_attention_ref(qc, qp, k, v, r, **kwargs)
     assert rel_rms(fast, ref) < 1e-10
     inputs = [qc, qp, k, v, r]
@@ -136,13 +137,48 @@ def test_relative_attention_shared_kv_head_and_general_path():
             assert rel_rms(g_fast, g_ref) < 1e-10
 
 
-def test_relative_attention_float32_and_bfloat16_autocast():
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-weights", "recompute"])
+def test_relative_attention_float32_and_bfloat16_autocast(recompute):
     qc, qp, k, v, r, _ = _rel_inputs(2, 2, 16, 16, 0, dim=16)
     ref = relative_memory_attention_ref(qc, qp, k, v, r)
     as32 = [t.detach().float().requires_grad_() for t in (qc, qp, k, v, r)]
-    fast = relative_memory_attention(*as32)
+    fast = relative_memory_attention(*as32, recompute=recompute)
     assert fast.dtype == torch.float32 and rel_rms(fast, ref) < 1e-5
     for g_fast, g_ref in zip(grads(fast.double(), as32), grads(ref, [qc, qp, k, v, r])):
         assert rel_rms(g_fast, g_ref) < 1e-5
     low = relative_memory_attention(*(t.detach().bfloat16() for t in (qc, qp, k, v, r)))
     assert low.dtype == torch.bfloat16 and rel_rms(low, ref) < 2e-2
+
+
+def test_relative_attention_recompute_keeps_no_attention_weights_for_backward():
+    batch, heads, length, mem = 2, 4, 128, 128
+    qc, qp, k, v, r, _ = _rel_inputs(batch, heads, length, mem, 0)
+    weight_bytes = batch * heads * length * (mem + length) * qc.element_size()
+
+    def saved_bytes(recompute):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            relative_memory_attention(qc, qp, k, v, r, recompute=recompute)
+        return sum(saved)
+
+    kept, recomputed = saved_bytes(False), saved_bytes(True)
+    # the weights go; the normalisers and the (T, K) bool mask come in
+    assert kept - recomputed >= 0.9 * weight_bytes
+    assert recomputed < weight_bytes / 2  # what is left is the inputs, far smaller
+
+
+def test_relative_attention_recompute_with_dropout_and_bias_replays_the_same_masks():
+    qc, qp, k, v, r, valid = _rel_inputs(2, 2, 6, 5, 0)
+    bias = torch.randn(2, 2, 6, 11, dtype=torch.float64, requires_grad=True)
+    inputs = [qc, qp, k, v, r, bias]
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(3)
+        out = relative_memory_attention(qc, qp, k, v, r, key_valid=valid, score_bias=bias,
+                                        dropout_p=0.5, recompute=recompute)
+        results.append((out, grads(out, inputs)))
+    (out, g), (out_rc, g_rc) = results
+    assert torch.equal(out, out_rc)
+    for a, b in zip(g, g_rc):
+        assert rel_rms(b, a) < 1e-12
