@@ -22,6 +22,7 @@ CONFIGS = [  # name, heads (None: one channel per head), seq_len, with generatio
     ("heads8_seq1024", 8, 1024, True),
     ("heads256_seq1024", None, 1024, False),
     ("heads256_seq4096_memory", None, 4096, False),
+    ("heads8_seq4096_memory", 8, 4096, False),
 ]
 
 

@@ -52,6 +52,34 @@ def resolve_models(spec: str | Sequence[str] | None) -> list[str]:
     return names
 
 
+def parse_arch_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["expire_span.max_span=256", ...]`` -> ``{"expire_span": {"max_span": 256}}``; values
+    are read as JSON where they parse (numbers, true/false, lists), else kept as strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        arch, dot, name = key.partition(".")
+        if not sep or not dot or not arch or not name:
+            raise ConfigError(f"--set expects ARCH.FIELD=VALUE (e.g. expire_span.max_span=256), "
+                              f"got {item!r}")
+        resolve_models(arch)  # a clear error for an unknown architecture
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out.setdefault(arch, {})[name] = value
+    return out
+
+
+def apply_overrides(per_arch: dict[str, dict[str, Any]],
+                    overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``per_arch`` with each architecture's fields updated by ``overrides`` (a new dict)."""
+    merged = {arch: dict(fields) for arch, fields in per_arch.items()}
+    for arch, values in overrides.items():
+        merged.setdefault(arch, {}).update(values)
+    return merged
+
+
 def count_params(arch: str, fields: dict[str, Any]) -> int:
     with torch.device("meta"):
         model = memtx.build(arch, **fields)

@@ -25,7 +25,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class LMBenchConfig:
     memory: bool = True
     seed: int = 0
     threads: int = 2
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-architecture fields
 
 
 QUICK = dict(dim=32, depth=1, heads=2, seq_len=16, memory_slots=32, batch_size=4,
@@ -122,6 +123,10 @@ def run(cfg: LMBenchConfig, out: str | Path, *, overwrite: bool = False,
 
     archs = common.resolve_models(cfg.models)
     corpus = load_data(cfg.data)  # a missing or unreadable file fails here, before any work
+    shared = dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, seq_len=cfg.seq_len)
+    per_arch = common.apply_overrides(common.memory_fields(cfg.memory_slots, cfg.seq_len),
+                                      cfg.extra)
+    configs, target = common.equal_param_configs(archs, shared, per_arch, cfg.params)
     out = common.prepare_out_dir(out, OUTPUTS, overwrite)
     valid = corpus.split("valid")
     min_valid = cfg.eval_batch_size * (cfg.seq_len + 1)
@@ -133,9 +138,6 @@ def run(cfg: LMBenchConfig, out: str | Path, *, overwrite: bool = False,
         )
     curve_data = valid[: min(cfg.curve_bytes, len(valid))]
     torch.set_num_threads(cfg.threads)
-    shared = dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, seq_len=cfg.seq_len)
-    per_arch = common.memory_fields(cfg.memory_slots, cfg.seq_len)
-    configs, target = common.equal_param_configs(archs, shared, per_arch, cfg.params)
     budget_s = cfg.minutes * 60.0
     log(f"lm bench on {cfg.data}: {len(configs)} architectures, ~{target:,} parameters each; "
         f"budgets {cfg.minutes:g} min of training and {cfg.tokens:,} tokens")
@@ -279,6 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", type=int, default=None,
                         help="parameter budget (default: the smallest every architecture can meet)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="ARCH.FIELD=VALUE",
+                        help="change one architecture's config, e.g. expire_span.max_span=256")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads)
 
@@ -288,7 +292,8 @@ def config_from_args(args: argparse.Namespace) -> LMBenchConfig:
 
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
     values.update(data=args.data, models=args.models, seed=args.seed, threads=args.threads,
-                  params=args.params, memory=not args.no_memory)
+                  params=args.params, memory=not args.no_memory,
+                  extra=common.parse_arch_overrides(args.set))
     if args.minutes is not None:
         if not args.minutes > 0:
             raise ConfigError(f"--minutes must be positive, got {args.minutes}")

@@ -79,17 +79,17 @@ def run(cfg: RecallBenchConfig, out: str | Path, *, overwrite: bool = False,
     from memtx.training import RunConfig, train
 
     archs = common.resolve_models(cfg.models)
+    shared = dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, seq_len=cfg.seq_len)
+    per_arch = common.apply_overrides(common.memory_fields(cfg.memory_slots, cfg.seq_len),
+                                      cfg.extra)
+    # configs first: a bad field fails here, before the output directory is touched
+    configs, target = common.equal_param_configs(archs, shared, per_arch, cfg.params)
     out = common.prepare_out_dir(out, OUTPUTS + ("runs",), overwrite)
     if overwrite and (out / "runs").exists():
         import shutil
 
         shutil.rmtree(out / "runs")
     torch.set_num_threads(cfg.threads)
-    shared = dict(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, seq_len=cfg.seq_len)
-    per_arch = common.memory_fields(cfg.memory_slots, cfg.seq_len)
-    for arch, values in cfg.extra.items():
-        per_arch.setdefault(arch, {}).update(values)
-    configs, target = common.equal_param_configs(archs, shared, per_arch, cfg.params)
     log(f"recall bench: {len(configs)} architectures, ~{target:,} parameters each, "
         f"{cfg.tokens:,} training tokens each")
     result: dict[str, Any] = {
@@ -226,6 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{','.join(map(str, d.distances))})")
     parser.add_argument("--params", type=int, default=None,
                         help="parameter budget (default: the smallest every architecture can meet)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="ARCH.FIELD=VALUE",
+                        help="change one architecture's config, e.g. expire_span.max_span=256")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--threads", type=int, default=d.threads)
 
@@ -234,7 +236,8 @@ def config_from_args(args: argparse.Namespace) -> RecallBenchConfig:
     from memtx.errors import ConfigError
 
     values: dict[str, Any] = dict(QUICK) if args.quick else {}
-    values.update(models=args.models, seed=args.seed, threads=args.threads, params=args.params)
+    values.update(models=args.models, seed=args.seed, threads=args.threads, params=args.params,
+                  extra=common.parse_arch_overrides(args.set))
     if args.steps is not None:
         if args.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {args.steps}")

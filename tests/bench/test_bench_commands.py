@@ -48,8 +48,13 @@ def test_equal_param_configs_names_the_architectures_that_cannot_fit():
 # -- recall -------------------------------------------------------------------------------------
 def test_bench_recall_quick_writes_results_that_match_the_saved_models(tmp_path, capsys):
     out = tmp_path / "recall"
-    assert main(["bench", "recall", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "recall", "--quick", "--out", str(out),
+                 "--set", "expire_span.max_span=32", "expire_span.ramp_len=4"]) == 0
     result = json.loads((out / "recall.json").read_text())
+    # per-architecture overrides reach the model and are written into the output
+    es = result["architectures"]["expire_span"]["model_config"]
+    assert (es["max_span"], es["ramp_len"]) == (32, 4)
+    assert result["config"]["extra"] == {"expire_span": {"max_span": 32, "ramp_len": 4}}
     assert (out / "recall.png").stat().st_size > 1000
     table = (out / "recall.md").read_text()
     cfg = result["config"]
@@ -60,6 +65,7 @@ def test_bench_recall_quick_writes_results_that_match_the_saved_models(tmp_path,
         assert entry["model_config"]["dim"] == cfg["dim"]
         # the recorded accuracy is the saved model's accuracy, re-measured independently
         model = memtx.load(resolve_checkpoint(out / entry["run_dir"]))
+        assert model.config.to_dict() == entry["model_config"]
         task = make_task("recall", model.config.seq_len, cfg["distances"], 1)
         for wipe, key in ((False, "accuracy_carried"), (True, "accuracy_wiped")):
             again = evaluate_tasks(model, task, batch_size=cfg["eval_batch_size"],
@@ -88,6 +94,11 @@ def test_bench_refuses_to_overwrite_an_earlier_result(tmp_path, capsys):
     (["bench", "recall", "--quick", "--distances", "0,2"], "--distances"),
     (["bench", "lm", "--quick", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (["bench", "speed", "--quick", "--generate-tokens", "10"], "--generate-tokens"),
+    (["bench", "recall", "--quick", "--set", "max_span=256"], "--set expects ARCH.FIELD=VALUE"),
+    (["bench", "recall", "--quick", "--set", "expire.max_span=256"], "unknown architecture"),
+    (["bench", "recall", "--quick", "--set", "expire_span.max_spam=256"],
+     "no field 'max_spam'. Did you mean 'max_span'"),
+    (["bench", "recall", "--quick", "--set", "expire_span.ramp_len=0"], "ramp_len=0"),
 ])
 def test_bench_bad_input_fails_with_a_clear_message(tmp_path, capsys, argv, message):
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
