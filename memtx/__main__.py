@@ -1,5 +1,5 @@
 import sys
 
-from memtx.cli import main
+from memtx.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import memtx
+from memtx import allocator
 from memtx.errors import ConfigError, InputError
 from memtx.registry import config_class
 
@@ -162,6 +163,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "retain_freed_memory": allocator.is_retaining(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
