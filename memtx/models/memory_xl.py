@@ -474,8 +474,11 @@ class LongMemoryWriter(nn.Module):
             context_valid = torch.cat(
                 (stored.reshape(batch, -1), state.valid.new_ones(batch, self.mem_kv.shape[0])), dim=1
             )
-        # the context does not change between rounds: project and summarise it once
-        k_context, v_context = (self._split(t) for t in self.to_kv(context).chunk(2, dim=-1))
+        # the context does not change between rounds: project and summarise it once. Head-major
+        # copies, so that exp(k) and v reach e^T v as they are: from the split views the matmul
+        # would keep a transposed copy of exp(k) besides the one exp keeps (20 MiB at mem 1024)
+        k_context, v_context = (self._split(t).contiguous()
+                                for t in self.to_kv(context).chunk(2, dim=-1))
         summary = summarize_keys(k_context, v_context, context_valid)
         for _ in range(self.iters):
             normed = self.norm(lmem)
