@@ -368,7 +368,14 @@ class MemoryXLBlock(nn.Module):
         self.norm_memory = cfg.norm_memory
 
     def memory_kv(self, memory: Tensor | None, batch_size: int) -> KeyValue:
-        """Keys and values of ``[mem_kv; memory]``; memory (B, P, E) or None."""
+        """Keys and values of ``[mem_kv; memory]``; memory (B, P, E) or None. With
+        ``checkpoint_attention`` the normalised memory is rebuilt in backward as well, so that
+        only ``memory`` itself is kept for it."""
+        if memory is not None and self.attn.checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._memory_kv, memory, batch_size, use_reentrant=False)
+        return self._memory_kv(memory, batch_size)
+
+    def _memory_kv(self, memory: Tensor | None, batch_size: int) -> KeyValue:
         parts = [self.attn.mem_kv.expand(batch_size, -1, -1)]
         if memory is not None:
             parts.append(self.attn_norm(memory) if self.norm_memory else memory)

@@ -211,12 +211,14 @@ class _RelativeAttention(torch.autograd.Function):
             # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)
             weights = scores.sub_(lse).exp_()
-            ctx.save_for_backward(lse, qc3, qp, k3, v3, r3, blocked)
         else:
             weights = torch.softmax(scores, dim=-1)
-            ctx.save_for_backward(weights, qc3, qp, k3, v3, r3)
         del scores
         out = torch.bmm(weights, v3)
+        if recompute:
+            ctx.save_for_backward(lse, qc3, qp, k3, v3, r3, out, blocked)
+        else:
+            ctx.save_for_backward(weights, qc3, qp, k3, v3, r3, out)
         ctx.recompute = recompute
         ctx.scale = scale
         ctx.shapes = shape
@@ -227,24 +229,31 @@ class _RelativeAttention(torch.autograd.Function):
         batch, heads, num_queries, num_keys, num_pos = ctx.shapes
         scale = ctx.scale
         if ctx.recompute:
-            lse, qc3, qp, k3, v3, r3, blocked = ctx.saved_tensors
+            lse, qc3, qp, k3, v3, r3, out, blocked = ctx.saved_tensors
             with torch.autocast(qc3.device.type, enabled=False):
                 weights = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
             weights = weights.sub_(lse).exp_()
         else:
-            weights, qc3, qp, k3, v3, r3 = ctx.saved_tensors
+            weights, qc3, qp, k3, v3, r3, out = ctx.saved_tensors
         n = batch * heads
         grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
         grad_v = torch.bmm(weights.transpose(1, 2), grad_out).view(v3.shape)
-        grad_weights = torch.bmm(grad_out, v3.transpose(1, 2))
-        # masked entries have weight 0, so their score gradient is exactly 0
-        grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
-        del grad_weights
+        # softmax backward in place: dS = W * (dW - sum_j dW_ij W_ij), where the row sum is
+        # sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product instead of another
+        # (B H, T, K) tensor. Masked entries have weight 0, so their score gradient is 0.
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
+        grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
+        # rebuilt weights are ours to reuse: the position gradient goes into their storage
+        spare = weights if ctx.recompute else None
+        del weights
         grad_qc = torch.bmm(grad_scores, k3).mul_(scale)
         grad_k = torch.bmm(grad_scores.transpose(1, 2), qc3).mul_(scale)
         grad_pos_keys = grad_scores[..., num_keys - num_pos:]
         if num_queries > 1:
-            grad_pos = grad_scores.new_empty(n, num_queries, num_pos)
+            if spare is not None:
+                grad_pos = spare.view(-1)[: n * num_queries * num_pos].view(n, num_queries, num_pos)
+            else:
+                grad_pos = grad_scores.new_empty(n, num_queries, num_pos)
             grad_pos[:, 0, : num_queries - 1].zero_()  # never read by the shift view
             view = _shifted(grad_pos, num_queries, num_pos)
             view.copy_(grad_pos_keys)
