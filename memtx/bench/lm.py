@@ -223,7 +223,8 @@ def markdown(result: dict[str, Any]) -> str:
     for arch, r in sorted(result["architectures"].items(), key=lambda kv: kv[1]["bpc_at_time"]):
         mem = r.get("peak_train_memory_mib")
         rows.append([f"`{arch}`", f"{r['params'] / 1e6:.2f}M", f"{r['bpc_at_time']:.3f}",
-                     f"{r['tokens_at_time'] / 1e6:.2f}M", f"{r['bpc_at_tokens']:.3f}", f"{r['train_tokens_per_s']:,.0f}",
+                     f"{r['tokens_at_time'] / 1e6:.2f}M", f"{r['bpc_at_tokens']:.3f}",
+                     f"{r['train_tokens_per_s']:,.0f}",
                      f"{r['generate_tokens_per_s']:,.0f}", "" if mem is None else f"{mem:,.0f}"])
     text = [
         f"Validation bits per character of `{Path(cfg['data']).name}` ({result['valid_bytes']:,} "

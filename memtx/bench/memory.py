@@ -76,11 +76,17 @@ def _report(fn: Callable[..., Any], args: tuple[Any, ...], queue: "mp.Queue[Any]
 def in_fresh_process(fn: Callable[..., Any], *args: Any, timeout: float = 3600.0) -> Any:
     """``fn(*args)`` in a spawned process (with small blocks returned to the OS on free);
     returns its result. ``fn`` must be importable (a module-level function)."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_report, args=(fn, args, queue))
-    proc.start()
+    # the child inherits the environment at start; this process's own is left as it was
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    try:
+        proc.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
     try:
         return queue.get(timeout=timeout)
     finally:

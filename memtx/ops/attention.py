@@ -330,6 +330,8 @@ def relative_memory_attention(
     blocked = _causal_blocked(num_queries, num_keys, q_content.device)  # (T, K)
     if key_valid is not None:
         blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
+    # without autograd there is nothing to keep, so the plain softmax is the cheaper forward
+    recompute = recompute and torch.is_grad_enabled()
     return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
                                     r.to(dtype), blocked, scale, recompute)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import sys
 
 import pytest
@@ -34,5 +35,9 @@ def test_nothing_allocated_means_no_peak():
     assert peak["mib"] < 8, peak
 
 
-def test_fresh_process_returns_the_result():
+def test_fresh_process_returns_the_result_and_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert in_fresh_process(operator.mul, 6, 7, timeout=120) == 42
+    # the child returns freed blocks to the OS; this process's environment is unchanged
+    assert in_fresh_process(os.getenv, "MALLOC_MMAP_THRESHOLD_", timeout=120) == "131072"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
