@@ -16,13 +16,57 @@ from memtx.ops.attention import relative_memory_attention
 KeyValue = tuple[Tensor, Tensor]  # (B, H, N, D) keys and values
 
 
+class KeyValueCache:
+    """Keys and values of a growing prefix (a memory, then the tokens streamed so far) in
+    preallocated (B, H, capacity, D) buffers.
+
+    Streaming decoders append one token's key and value per layer per step. Concatenating them
+    to the cached ones copies every cached key and value each step, memory traffic that at
+    batch 1 costs as much as the attention itself; :meth:`extend` writes the new ones in place
+    and returns views of everything so far.
+
+    Args:
+        capacity: the most keys the cache will hold (memory plus one segment).
+        prefix: optional keys and values (B, H, P, D) to start from.
+    """
+
+    def __init__(self, capacity: int, prefix: KeyValue | None = None) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        if prefix is not None and prefix[0].shape[-2] > 0:
+            self.extend(*prefix)
+
+    def extend(self, k: Tensor, v: Tensor) -> KeyValue:
+        """Append keys and values (B, H, N, D); returns views (B, H, length, D) of all held."""
+        end = self.length + k.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"key/value cache holds at most {self.capacity} keys, asked for {end}")
+        if self._k is None:
+            self._k = k.new_empty(*k.shape[:2], self.capacity, k.shape[-1])
+            self._v = v.new_empty(*v.shape[:2], self.capacity, v.shape[-1])
+        assert self._v is not None
+        self._k[:, :, self.length : end].copy_(k)
+        self._v[:, :, self.length : end].copy_(v)
+        self.length = end
+        return self.kv
+
+    @property
+    def kv(self) -> KeyValue:
+        """Views (B, H, length, D) of the keys and values held."""
+        if self._k is None or self._v is None:
+            raise ValueError("the key/value cache is empty")
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+
 class RelativeMemoryAttention(nn.Module):
     """Scores ``(q_i + u).k_j + (q_i + v).r_{i-j}`` (Dai et al. 2019), causal over the keys.
 
     Keys and values of the prefix are passed in already projected (``kv_prefix``), so that
     training (prefix = memory, projected once per segment) and streaming generation (prefix =
-    memory plus the tokens generated so far in this segment, projected once each) share this
-    one code path.
+    memory plus the tokens generated so far in this segment, projected once each, held in a
+    :class:`KeyValueCache`) share this one code path.
     """
 
     def __init__(
@@ -65,7 +109,7 @@ class RelativeMemoryAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        kv_prefix: KeyValue | None,
+        kv_prefix: KeyValue | KeyValueCache | None,
         r: Tensor,
         key_valid: Tensor | None = None,
         score_bias: Tensor | None = None,
@@ -73,7 +117,9 @@ class RelativeMemoryAttention(nn.Module):
         """
         Args:
             x: (B, T, E) normalised segment hidden states.
-            kv_prefix: keys and values (B, H, P, D) of the positions before the segment, or None.
+            kv_prefix: keys and values (B, H, P, D) of the positions before the segment, or
+                None; or a :class:`KeyValueCache` of them, to which the segment's own keys and
+                values are appended.
             r: (H, K, D) from :meth:`project_positions` for K = P + T keys.
             key_valid: optional (B, K) bool; False marks keys to ignore (empty memory).
             score_bias: optional extra additive score bias broadcastable to (B, H, T, K), e.g.
@@ -85,7 +131,9 @@ class RelativeMemoryAttention(nn.Module):
         """
         q = self._split_heads(self.to_q(x))  # (B, H, T, D)
         k_new, v_new = self.project_kv(x)
-        if kv_prefix is not None and kv_prefix[0].shape[-2] > 0:
+        if isinstance(kv_prefix, KeyValueCache):
+            k, v = kv_prefix.extend(k_new, v_new)
+        elif kv_prefix is not None and kv_prefix[0].shape[-2] > 0:
             k = torch.cat((kv_prefix[0], k_new), dim=-2)
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:

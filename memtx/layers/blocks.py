@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from memtx.layers.attention import KeyValue, RelativeMemoryAttention
+from memtx.layers.attention import KeyValue, KeyValueCache, RelativeMemoryAttention
 from memtx.layers.feedforward import FeedForward
 
 
@@ -44,7 +44,7 @@ class RelativeMemoryBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        kv_prefix: KeyValue | None,
+        kv_prefix: KeyValue | KeyValueCache | None,
         r: Tensor,
         key_valid: Tensor | None,
         score_bias: Tensor | None = None,

@@ -38,8 +38,9 @@ memory held and attention cost follow the learned spans, not ``max_span``.
 
 Positions. Entries are no longer contiguous, so the Transformer-XL relative term
 ``(q_t + v) . r_{t-i}`` uses each entry's real distance (its age plus the query's offset):
-:func:`gather_position_scores` scores every query against a table of distances ``0..N-1`` (N is
-the oldest entry's distance, not ``max_span``) and gathers each pair's distance. With a full,
+:func:`memtx.ops.attention.pairwise_relative_attention` scores every query against a table of
+distances ``0..N-1`` (N is the oldest entry's distance, not ``max_span``) and gathers each
+pair's distance. With a full,
 contiguous memory the distances are exactly Transformer-XL's, so with every span at
 ``max_span >= mem_len + seq_len - 1`` this model computes what ``transformer_xl`` computes with
 the same weights.
@@ -72,10 +73,10 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import StateError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue
+from memtx.layers.attention import KeyValue, KeyValueCache
 from memtx.layers.blocks import RelativeMemoryBlock
 from memtx.modeling import MemoryLM
-from memtx.ops.attention import memory_attention
+from memtx.ops.attention import causal_blocked, pairwise_relative_attention
 from memtx.ops.position import sinusoid
 from memtx.registry import register
 from memtx.state import State, memory_field
@@ -156,35 +157,6 @@ class ExpireSpanMemory(State):
         return self.valid.sum(-1)
 
 
-# -- position scores at arbitrary distances (model-specific op, with its reference) ----------
-def gather_position_scores(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
-    """``out[b, h, i, j] = q[b, h, i] . r[h, distances[b, i, j]]``.
-
-    Args:
-        q: (B, H, T, D) queries (position bias added and scale folded in).
-        r: (H, N, D) projected embeddings of distances 0, 1, ..., N-1 (ascending).
-        distances: (B, T, K) long in [0, N).
-
-    One (T, N) matmul per head and a gather: the cost follows the oldest distance in use, and
-    each (query, key) pair reads its own distance, which a shift of contiguous distances cannot
-    do once entries have been dropped.
-    """
-    table = torch.matmul(q, r.transpose(-1, -2))  # (B, H, T, N)
-    index = distances[:, None].expand(-1, q.shape[1], -1, -1)  # (B, H, T, K), no copy
-    return torch.gather(table, -1, index)
-
-
-def gather_position_scores_ref(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
-    """Reference for :func:`gather_position_scores`: an explicit loop over rows and pairs."""
-    batch, heads, queries, _ = q.shape
-    out = q.new_zeros(batch, heads, queries, distances.shape[-1])
-    for b in range(batch):
-        for i in range(queries):
-            for j in range(distances.shape[-1]):
-                out[b, :, i, j] = (q[b, :, i] * r[:, int(distances[b, i, j])]).sum(-1)
-    return out
-
-
 def expire_mask(spans: Tensor, distances: Tensor, ramp_len: int) -> Tensor:
     """Reference mask ``clamp(1 + (e - distance) / R, 0, 1)`` of every pair:
     spans (B, K), distances (B, T, K) -> (B, T, K)."""
@@ -206,28 +178,45 @@ class _LogMask(torch.autograd.Function):
         return torch.where(mask > 0, grad / mask, 0.0)
 
 
-def log_expire_mask(
-    spans: Tensor, base: Tensor, valid: Tensor, first_query: int, num_queries: int, ramp_len: int
-) -> Tensor:
-    """``log m`` (B, T, K) for queries at segment positions ``first_query + i`` and keys at
-    distance ``base + first_query + i`` from them (``-inf`` for invalid keys).
+def expire_reach(spans: Tensor, base: Tensor, valid: Tensor, ramp_len: int) -> Tensor:
+    """(B, K) each key's mask at segment position 0 before clamping, ``(e + R - base) / R``
+    (``-inf`` for invalid keys): the mask at segment position q is ``clamp(reach - q / R, 0, 1)``.
 
     Args:
         spans: (B, K) spans of the keys.
         base: (B, K) long: each key's distance to segment position 0 (its age for memory
             entries, ``-j`` for segment position j).
         valid: (B, K) bool.
+    """
+    reach = (spans + ramp_len - base) / ramp_len
+    return reach.masked_fill(~valid, float("-inf"))
+
+
+def log_mask_from_reach(reach: Tensor, first_query: int, num_queries: int, ramp_len: int) -> Tensor:
+    """``log m`` (B, T, K) for queries at segment positions ``first_query + i`` of keys whose
+    :func:`expire_reach` is ``reach`` (B, K)."""
+    if num_queries == 1:
+        mask = (reach[:, None, :] - first_query / ramp_len).clamp_(0.0, 1.0)
+    else:
+        queries = torch.arange(
+            first_query, first_query + num_queries, device=reach.device, dtype=reach.dtype
+        )
+        mask = (reach[:, None, :] - queries[None, :, None] / ramp_len).clamp(0.0, 1.0)
+    return _LogMask.apply(mask) if mask.requires_grad else mask.log()
+
+
+def log_expire_mask(
+    spans: Tensor, base: Tensor, valid: Tensor, first_query: int, num_queries: int, ramp_len: int
+) -> Tensor:
+    """``log m`` (B, T, K) for queries at segment positions ``first_query + i`` and keys at
+    distance ``base + first_query + i`` from them (``-inf`` for invalid keys); arguments as in
+    :func:`expire_reach`.
 
     Equals ``log(expire_mask(spans, distances, R))``; written as one broadcast subtraction of a
     per-key and a per-query term, because the (B, T, K) mask is built for every layer.
     """
-    reach = (spans + ramp_len - base) / ramp_len  # (B, K): the mask at segment position 0
-    reach = reach.masked_fill(~valid, float("-inf"))
-    queries = torch.arange(
-        first_query, first_query + num_queries, device=spans.device, dtype=spans.dtype
-    )
-    mask = (reach[:, None, :] - queries[None, :, None] / ramp_len).clamp(0.0, 1.0)
-    return _LogMask.apply(mask)
+    reach = expire_reach(spans, base, valid, ramp_len)
+    return log_mask_from_reach(reach, first_query, num_queries, ramp_len)
 
 
 def ramp_counts(
@@ -251,6 +240,11 @@ class LayerMemory:
         age: (B, M) long distance of each entry to the segment's first query.
         valid: (B, M) bool.
         mem: (B, M, E) the entries themselves (to carry the kept ones over).
+        base: (B, M + seq_len) long distance of every key a segment can have to its first
+            query: the entries' ages, then ``-j`` for segment position j (made once per
+            segment; each call slices the keys it has).
+        key_valid: (B, M + seq_len) bool validity of the same keys.
+        oldest: the largest age (0 for an empty memory).
     """
 
     kv: KeyValue | None
@@ -258,6 +252,27 @@ class LayerMemory:
     age: Tensor
     valid: Tensor
     mem: Tensor
+    base: Tensor
+    key_valid: Tensor
+    oldest: int
+
+
+@dataclass
+class SegmentCache:
+    """What a streaming decoder keeps for one layer while a segment is being fed.
+
+    Attributes:
+        kv: keys and values of the memory and of the segment's positions fed so far.
+        spans: (B, seq_len) spans of the segment's positions (the first ``length`` are set).
+        reach: (B, M + seq_len) :func:`expire_reach` of every key the segment can have,
+            written for each position as it is fed.
+        length: positions of the segment fed so far.
+    """
+
+    kv: KeyValueCache
+    spans: Tensor
+    reach: Tensor
+    length: int = 0
 
 
 @register("expire_span")
@@ -334,12 +349,18 @@ class ExpireSpan(MemoryLM):
         mem = state.mem[layer, :, start:]
         block = self.blocks[layer]
         normed = block.attn_norm(mem)
+        age, valid = state.age[layer, :, start:], state.valid[layer, :, start:]
+        seq_len = self.config.seq_len
+        segment = torch.arange(0, -seq_len, -1, device=age.device).expand(age.shape[0], -1)
         return LayerMemory(
             kv=block.attn.project_kv(normed) if held else None,
             spans=self.spans(layer, normed),
-            age=state.age[layer, :, start:],
-            valid=state.valid[layer, :, start:],
+            age=age,
+            valid=valid,
             mem=mem,
+            base=torch.cat((age, segment), dim=1),
+            key_valid=F.pad(valid, (0, seq_len), value=True),
+            oldest=int(age.max()) if held else 0,
         )
 
     def position_table(self, num_distances: int, device: torch.device) -> Tensor:
@@ -352,7 +373,7 @@ class ExpireSpan(MemoryLM):
         layer: int,
         x: Tensor,
         memory: LayerMemory,
-        prefix: tuple[Tensor, Tensor, Tensor] | None,
+        cache: SegmentCache | None,
         r: Tensor,
         hide_older_than: Tensor | None = None,
         with_loss: bool = True,
@@ -361,8 +382,8 @@ class ExpireSpan(MemoryLM):
 
         Args:
             memory: the layer's memory.
-            prefix: keys, values (B, H, P, D) and spans (B, P) of the segment's first P positions
-                (streaming), or None at the start of a segment.
+            cache: when streaming, what the segment's first P positions left (``x``'s keys,
+                values, spans and reach are added to it); None in training.
             r: (H, N, D) projected position table covering every distance in use.
             hide_older_than: optional (B,) long; memory entries at least this old are hidden
                 from this segment's attention (random shortening).
@@ -381,48 +402,56 @@ class ExpireSpan(MemoryLM):
         block = self.blocks[layer]
         attn = block.attn
         batch, length, _ = x.shape
-        offset = 0 if prefix is None else prefix[0].shape[-2]
+        offset = 0 if cache is None else cache.length
 
         h = block.attn_norm(x)
         new_spans = self.spans(layer, h)  # (B, T)
         q = attn.to_q(h).view(batch, length, attn.heads, attn.head_dim).transpose(1, 2)
         k_new, v_new = attn.project_kv(h)  # (B, H, T, D)
-        keys, values, spans = [k_new], [v_new], [new_spans]
-        if prefix is not None:
-            keys.insert(0, prefix[0])
-            values.insert(0, prefix[1])
-            spans.insert(0, prefix[2])
-        if memory.kv is not None:
-            keys.insert(0, memory.kv[0])
-            values.insert(0, memory.kv[1])
-        spans.insert(0, memory.spans)
-        k, v = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
-        all_spans = torch.cat(spans, dim=-1)  # (B, K)
-
         # every key's distance to segment position 0: its age, or -j for segment position j
-        base = torch.cat(
-            (memory.age, -torch.arange(offset + length, device=x.device).expand(batch, -1)), dim=1
-        )  # (B, K)
-        key_valid = F.pad(memory.valid, (0, offset + length), value=True)  # (B, K)
-        queries = torch.arange(offset, offset + length, device=x.device)
-        distances = (base[:, None, :] + queries[None, :, None]).clamp(min=0)  # (B, T, K)
+        num_keys = memory.age.shape[1] + offset + length
+        base, key_valid = memory.base[:, :num_keys], memory.key_valid[:, :num_keys]  # (B, K)
         span_loss = x.new_zeros((), dtype=torch.float32)
-        if with_loss:
-            counts = ramp_counts(all_spans, base, key_valid, offset, length, cfg.ramp_len)
-            span_loss = (counts * all_spans).sum() / (cfg.ramp_len * length * batch)
-        if hide_older_than is not None:
-            seen = memory.age < hide_older_than[:, None]  # (B, M)
-            key_valid = key_valid & F.pad(seen, (0, offset + length), value=True)
-        log_mask = log_expire_mask(all_spans, base, key_valid, offset, length, cfg.ramp_len)
-
-        position_scores = gather_position_scores(
-            (q + attn.position_bias[:, None, :]) * attn.scale, r, distances
-        )  # (B, H, T, K), already scaled
-        out = memory_attention(
+        if cache is not None:  # streaming: only the new positions' terms are computed
+            k, v = cache.kv.extend(k_new, v_new)
+            cache.spans[:, offset : offset + length] = new_spans
+            # expire_reach of segment positions j (base -j, always valid): (e + R + j) / R
+            positions = offset if length == 1 else torch.arange(
+                offset, offset + length, device=x.device, dtype=new_spans.dtype
+            )
+            torch.div(new_spans + (positions + cfg.ramp_len), cfg.ramp_len,
+                      out=cache.reach[:, num_keys - length : num_keys])
+            cache.length += length
+            reach = cache.reach[:, :num_keys]
+        else:
+            k, v = k_new, v_new
+            if memory.kv is not None:
+                k = torch.cat((memory.kv[0], k_new), dim=-2)
+                v = torch.cat((memory.kv[1], v_new), dim=-2)
+            all_spans = torch.cat((memory.spans, new_spans), dim=-1)  # (B, K)
+            if with_loss:
+                counts = ramp_counts(all_spans, base, key_valid, offset, length, cfg.ramp_len)
+                span_loss = (counts * all_spans).sum() / (cfg.ramp_len * length * batch)
+            if hide_older_than is not None:
+                seen = memory.age < hide_older_than[:, None]  # (B, M)
+                key_valid = key_valid & F.pad(seen, (0, offset + length), value=True)
+            reach = expire_reach(all_spans, base, key_valid, cfg.ramp_len)
+        bias = log_mask_from_reach(reach, offset, length, cfg.ramp_len)  # (B, T, K)
+        distances = base[:, None, :] + offset  # (B, 1, K) for the segment's first query
+        if length > 1:  # keys after a query: the causal mask joins the (B, T, K) bias
+            bias = bias.masked_fill(causal_blocked(length, num_keys, x.device), float("-inf"))
+            queries = torch.arange(length, device=x.device)
+            distances = (distances + queries[None, :, None]).clamp(min=0)  # (B, T, K)
+        else:  # one query sees every key, at distances >= 0
+            distances = distances.expand(-1, length, -1)
+        out = pairwise_relative_attention(
             q + attn.content_bias[:, None, :],
+            q + attn.position_bias[:, None, :],
             k,
             v,
-            bias=position_scores + log_mask[:, None].to(q.dtype),
+            r,
+            distances,
+            bias.to(q.dtype),
             scale=attn.scale,
             dropout_p=attn.attn_dropout if self.training else 0.0,
         )
@@ -496,8 +525,7 @@ class ExpireSpan(MemoryLM):
         span_loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for i, (block, memory) in enumerate(zip(self.blocks, memories)):
             layer_inputs.append(x)
-            num_distances = (int(memory.age.max()) if memory.age.numel() else 0) + length
-            r = block.attn.project_positions(pos_emb[:num_distances])
+            r = block.attn.project_positions(pos_emb[: memory.oldest + length])
             x, (_, _, new_spans), loss = self.attend(i, x, memory, None, r, hide)
             spans.append(torch.cat((memory.spans, new_spans), dim=1))
             span_loss = span_loss + loss
@@ -534,17 +562,26 @@ class ExpireSpanStream(Stream):
             (int(self.state.age.max()) if self.state.age.numel() else 0) + model.config.seq_len,
             model.device,
         )
+        # per layer, distances up to its oldest entry's from the segment's last position
         self._positions = [
-            block.attn.project_positions(pos_emb[: (int(m.age.max()) if m.age.numel() else 0)
-                                                  + model.config.seq_len])
+            block.attn.project_positions(pos_emb[: m.oldest + model.config.seq_len])
             for block, m in zip(model.blocks, self._memories)
         ]
-        self._prefix: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(model.blocks)
+        seq_len, ramp_len = model.config.seq_len, model.config.ramp_len
+        self._caches = []
+        for m in self._memories:
+            reach = m.spans.new_empty(self.batch_size, m.mem.shape[1] + seq_len)
+            reach[:, : m.mem.shape[1]] = expire_reach(m.spans, m.age, m.valid, ramp_len)
+            self._caches.append(SegmentCache(
+                kv=KeyValueCache(m.mem.shape[1] + seq_len, m.kv),
+                spans=m.spans.new_empty(self.batch_size, seq_len),
+                reach=reach,
+            ))
         self._layer_inputs: list[list[Tensor]] = [[] for _ in model.blocks]
 
     def _commit(self) -> None:
         hiddens = torch.stack([torch.cat(chunks, dim=1) for chunks in self._layer_inputs])
-        spans = [torch.cat((m.spans, p[2]), dim=1) for m, p in zip(self._memories, self._prefix)]
+        spans = [torch.cat((m.spans, c.spans), dim=1) for m, c in zip(self._memories, self._caches)]
         self.state = self.model.expire(self._memories, hiddens, spans)
         self._start_segment()
 
@@ -553,13 +590,8 @@ class ExpireSpanStream(Stream):
         x = model.embed(input_ids)
         for i in range(len(model.blocks)):
             self._layer_inputs[i].append(x)
-            prefix = self._prefix[i]
-            x, (k, v, spans), _ = model.attend(
-                i, x, self._memories[i], prefix, self._positions[i], with_loss=False
-            )
-            self._prefix[i] = (k, v, spans) if prefix is None else (
-                torch.cat((prefix[0], k), dim=-2),
-                torch.cat((prefix[1], v), dim=-2),
-                torch.cat((prefix[2], spans), dim=-1),
-            )
+            memory = self._memories[i]
+            # distances reach the oldest entry's from this chunk's last position, no further
+            r = self._positions[i][:, : memory.oldest + self.partial_len + input_ids.shape[1]]
+            x, _, _ = model.attend(i, x, memory, self._caches[i], r, with_loss=False)
         return model.head(model.norm(x))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue
+from memtx.layers.attention import KeyValue, KeyValueCache
 from memtx.layers.blocks import RelativeMemoryBlock
 from memtx.modeling import MemoryLM
 from memtx.ops.position import relative_distances, sinusoid
@@ -195,7 +195,8 @@ class TransformerXLStream(Stream):
 
     def _start_segment(self) -> None:
         mem = self.state.mem
-        self._kv = [block.memory_kv(mem[i]) if mem.shape[2] else None
+        capacity = mem.shape[2] + self.model.config.seq_len
+        self._kv = [KeyValueCache(capacity, block.memory_kv(mem[i]) if mem.shape[2] else None)
                     for i, block in enumerate(self.model.blocks)]
         self._layer_inputs: list[list[Tensor]] = [[] for _ in self.model.blocks]
 
@@ -213,9 +214,5 @@ class TransformerXLStream(Stream):
         for i, block in enumerate(model.blocks):
             self._layer_inputs[i].append(x)
             r = self._positions[i][:, -num_keys:]
-            x, (k, v) = block(x, self._kv[i], r, key_valid)
-            prefix = self._kv[i]
-            self._kv[i] = (k, v) if prefix is None else (
-                torch.cat((prefix[0], k), dim=-2), torch.cat((prefix[1], v), dim=-2)
-            )
+            x, _ = block(x, self._kv[i], r, key_valid)  # appends this chunk's keys and values
         return model.head(model.norm(x))

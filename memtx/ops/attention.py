@@ -39,7 +39,9 @@ def _causal_mask(num_queries: int, num_keys: int, device: torch.device) -> Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _causal_blocked(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
+def causal_blocked(num_queries: int, num_keys: int, device: torch.device) -> Tensor:
+    """Boolean (T, K), True where query i must not see key j: ``~causal_mask`` (cached; callers
+    must not write to it)."""
     return ~_causal_mask(num_queries, num_keys, device)
 
 
@@ -65,6 +67,7 @@ def memory_attention(
     key_valid: Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    causal: bool = True,
 ) -> Tensor:
     """Causal attention of T queries over K = M + T keys (fast path).
 
@@ -77,6 +80,8 @@ def memory_attention(
             slots). Every query must keep at least its own key, so rows never go empty.
         scale: score scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout probability (pass 0.0 in eval).
+        causal: apply the lower-right causal mask; False when ``bias`` already carries every
+            mask (``-inf`` entries).
 
     Returns:
         (B, H, T, D) attention output.
@@ -87,6 +92,8 @@ def memory_attention(
         k = k.expand(-1, q.shape[1], -1, -1)
         v = v.expand(-1, q.shape[1], -1, -1)
     if bias is None and key_valid is None:
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
         if num_queries == num_keys:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale
@@ -111,10 +118,13 @@ def memory_attention(
         alpha=scale,
     ).view(batch, heads, num_queries, num_keys)
     # masking the fresh scores in place saves a masked copy of the bias, forward and backward
-    blocked = _causal_blocked(num_queries, num_keys, q.device)  # (T, K)
+    blocked = causal_blocked(num_queries, num_keys, q.device) if causal else None  # (T, K)
     if key_valid is not None:
-        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
-    scores = scores.masked_fill_(blocked, float("-inf")).view(-1, num_queries, num_keys)
+        invalid = ~key_valid[:, None, None, :]  # (B, 1, T, K)
+        blocked = invalid if blocked is None else blocked | invalid
+    if blocked is not None:
+        scores = scores.masked_fill_(blocked, float("-inf"))
+    scores = scores.view(-1, num_queries, num_keys)
     weights = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p else scores.softmax(dim=-1)
     out = torch.bmm(weights, v.reshape(-1, num_keys, v.shape[-1]))
     return out.view(batch, heads, num_queries, -1)
@@ -128,6 +138,7 @@ def memory_attention_ref(
     bias: Tensor | None = None,
     key_valid: Tensor | None = None,
     scale: float | None = None,
+    causal: bool = True,
 ) -> Tensor:
     """Reference for :func:`memory_attention`: explicit scores, mask and softmax (no dropout)."""
     _check_shapes(q, k, v)
@@ -138,7 +149,7 @@ def memory_attention_ref(
         scores = scores + bias
     allowed = torch.zeros(num_queries, num_keys, dtype=torch.bool, device=q.device)
     for i in range(num_queries):
-        allowed[i, : i + num_keys - num_queries + 1] = True
+        allowed[i, : i + num_keys - num_queries + 1 if causal else num_keys] = True
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -327,7 +338,7 @@ def relative_memory_attention(
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
     dtype = q_content.dtype
-    blocked = _causal_blocked(num_queries, num_keys, q_content.device)  # (T, K)
+    blocked = causal_blocked(num_queries, num_keys, q_content.device)  # (T, K)
     if key_valid is not None:
         blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
     # without autograd there is nothing to keep, so the plain softmax is the cheaper forward
@@ -370,3 +381,161 @@ def relative_memory_attention_ref(
     if score_bias is not None:
         pos = pos + score_bias
     return memory_attention_ref(q_content, k, v, bias=pos, key_valid=key_valid, scale=scale)
+
+
+# ============================================================================================
+# Relative attention at per-pair distances (memories whose entries are not contiguous)
+# ============================================================================================
+class _PairwiseRelativeAttention(torch.autograd.Function):
+    """Forward and backward of :func:`pairwise_relative_attention` written out: the scores are
+    made once (gathered position scores, the score bias added and the content matmul
+    accumulated in place), the softmax gradient is formed in place from ``dO . O`` row sums,
+    and the position-table gradient is one scatter-add of the score gradient. Through autograd
+    the same computation makes about three more (B, H, T, K) tensors per layer (the bias sum,
+    the masked copy, the softmax backward) and a zero-filled scatter target for the gather."""
+
+    @staticmethod
+    def forward(ctx, qc, qp, k, v, r, distances, bias, scale):
+        with torch.autocast(qc.device.type, enabled=False):
+            batch, heads, num_queries, dim = qc.shape
+            num_keys, num_dist = k.shape[-2], r.shape[-2]
+            n = batch * heads
+            qp3 = (qp * scale).reshape(n, num_queries, dim)
+            r3 = r.expand(batch, -1, -1, -1).reshape(n, num_dist, dim)  # small: (B H, N, D)
+            k3 = k.reshape(n, num_keys, dim)
+            v3 = v.reshape(n, num_keys, v.shape[-1])
+            qc3 = qc.reshape(n, num_queries, dim)
+            table = torch.bmm(qp3, r3.transpose(1, 2)).view(batch, heads, num_queries, num_dist)
+            index = distances[:, None].expand(-1, heads, -1, -1)  # (B, H, T, K), no copy
+            scores = torch.gather(table, -1, index)
+            del table
+            scores.add_(bias[:, None])
+            scores = scores.view(n, num_queries, num_keys)
+            scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
+            weights = torch.softmax(scores, dim=-1)
+            del scores
+            out = torch.bmm(weights, v3)
+        ctx.save_for_backward(weights, qc3, qp3, k3, v3, r3, out, distances)
+        ctx.scale = scale
+        ctx.shape = (batch, heads, num_queries, num_keys, num_dist)
+        return out.view(batch, heads, num_queries, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        batch, heads, num_queries, num_keys, num_dist = ctx.shape
+        weights, qc3, qp3, k3, v3, r3, out, distances = ctx.saved_tensors
+        scale = ctx.scale
+        n = batch * heads
+        grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
+        grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
+        # dS = W * (dW - sum_j dW_ij W_ij) with sum_j dW_ij W_ij = dO_i . O_i (see
+        # _RelativeAttention); pairs with bias -inf have weight 0 and get score gradient 0
+        delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
+        grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
+        del weights
+        grad_bias = None
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad_scores.view(batch, heads, num_queries, num_keys).sum(1)
+        grad_qc = torch.bmm(grad_scores, k3).mul_(scale)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qc3).mul_(scale)
+        index = distances[:, None].expand(-1, heads, -1, -1)
+        grad_table = grad_scores.new_zeros(batch, heads, num_queries, num_dist).scatter_add_(
+            -1, index, grad_scores.view(batch, heads, num_queries, num_keys)
+        )
+        del grad_scores
+        grad_table = grad_table.view(n, num_queries, num_dist)
+        dim = qp3.shape[-1]
+        grad_qp = torch.bmm(grad_table, r3).mul_(scale).view(batch, heads, num_queries, dim)
+        grad_r = None
+        if ctx.needs_input_grad[4]:
+            grad_table = grad_table.view(batch, heads, num_queries, num_dist)
+            qp4 = qp3.view(batch, heads, num_queries, dim)
+            grad_r = torch.bmm(grad_table[0].transpose(1, 2), qp4[0])
+            for b in range(1, batch):  # sum over the batch without a permuted copy
+                grad_r.baddbmm_(grad_table[b].transpose(1, 2), qp4[b])
+        return (grad_qc.view(batch, heads, num_queries, -1), grad_qp,
+                grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
+                grad_r, None, grad_bias, None)
+
+
+def pairwise_relative_attention(
+    q_content: Tensor,
+    q_position: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    distances: Tensor,
+    bias: Tensor,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention whose every (query, key) pair has its own relative distance:
+    ``softmax_j(scale (q_content_i . k_j + q_position_i . r[distances[i, j]]) + bias[i, j])``.
+
+    This is Transformer-XL attention for memories whose entries are no longer contiguous in time
+    (dropped entries, rows of different ages), where the shift of :func:`relative_memory_attention`
+    cannot place the distances.
+
+    Args:
+        q_content: (B, H, T, D) queries plus the content bias u.
+        q_position: (B, H, T, D) queries plus the position bias v.
+        k, v: (B, H or 1, K, D) keys and values.
+        r: (H, N, D) projected embeddings of the distances 0, 1, ..., N-1 (ascending).
+        distances: (B, T, K) long in [0, N), the distance of each pair.
+        bias: (B, T, K) additive score bias shared by the heads, ``-inf`` for pairs that must
+            not be seen; it carries every mask, the causal one included, and receives a
+            gradient. Every query needs at least one finite entry.
+        scale: score scale, default ``1/sqrt(D)``.
+        dropout_p: attention dropout (pass 0.0 in eval); with dropout the computation runs
+            through autograd.
+
+    Returns:
+        (B, H, T, D); equals :func:`pairwise_relative_attention_ref`.
+    """
+    from memtx.ops.position import gather_position_scores
+
+    _check_shapes(q_content, k, v)
+    batch, heads, num_queries, dim = q_content.shape
+    pair_shape = (batch, num_queries, k.shape[-2])
+    if tuple(distances.shape) != pair_shape or tuple(bias.shape) != pair_shape:
+        raise ValueError(
+            f"distances {tuple(distances.shape)} and bias {tuple(bias.shape)} must both be "
+            f"(B, T, K) = {pair_shape}"
+        )
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    dtype = q_content.dtype
+    if k.shape[1] != heads:
+        k = k.expand(-1, heads, -1, -1)
+        v = v.expand(-1, heads, -1, -1)
+    if dropout_p:
+        scores = gather_position_scores(q_position * scale, r, distances) + bias[:, None]
+        return memory_attention(q_content, k, v, bias=scores, scale=scale, dropout_p=dropout_p,
+                                causal=False)
+    return _PairwiseRelativeAttention.apply(
+        q_content, q_position.to(dtype), k.to(dtype), v.to(dtype), r.to(dtype), distances,
+        bias.to(dtype), scale,
+    )
+
+
+def pairwise_relative_attention_ref(
+    q_content: Tensor,
+    q_position: Tensor,
+    k: Tensor,
+    v: Tensor,
+    r: Tensor,
+    distances: Tensor,
+    bias: Tensor,
+    *,
+    scale: float | None = None,
+) -> Tensor:
+    """Reference for :func:`pairwise_relative_attention`: per-pair position scores from an
+    explicit loop, the bias added, the plain softmax."""
+    from memtx.ops.position import gather_position_scores_ref
+
+    scale = 1.0 / math.sqrt(q_content.shape[-1]) if scale is None else scale
+    k = k.expand(-1, q_content.shape[1], -1, -1)
+    v = v.expand(-1, q_content.shape[1], -1, -1)
+    scores = torch.einsum("bhid,bhjd->bhij", q_content, k) * scale
+    scores = scores + gather_position_scores_ref(q_position * scale, r, distances) + bias[:, None]
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(dim=-1), v)

@@ -94,6 +94,34 @@ def relative_position_scores_ref(q: Tensor, r: Tensor) -> Tensor:
     return out.masked_fill(distance < 0, 0.0)
 
 
+def gather_position_scores(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
+    """``out[b, h, i, j] = q[b, h, i] . r[h, distances[b, i, j]]``.
+
+    Args:
+        q: (B, H, T, D) queries (position bias added and scale folded in).
+        r: (H, N, D) projected embeddings of distances 0, 1, ..., N-1 (ascending).
+        distances: (B, T, K) long in [0, N).
+
+    One (T, N) matmul per head and a gather: the cost follows the oldest distance in use, and
+    each (query, key) pair reads its own distance, which a shift of contiguous distances cannot
+    do once entries have been dropped.
+    """
+    table = torch.matmul(q, r.transpose(-1, -2))  # (B, H, T, N)
+    index = distances[:, None].expand(-1, q.shape[1], -1, -1)  # (B, H, T, K), no copy
+    return torch.gather(table, -1, index)
+
+
+def gather_position_scores_ref(q: Tensor, r: Tensor, distances: Tensor) -> Tensor:
+    """Reference for :func:`gather_position_scores`: an explicit loop over rows and pairs."""
+    batch, heads, queries, _ = q.shape
+    out = q.new_zeros(batch, heads, queries, distances.shape[-1])
+    for b in range(batch):
+        for i in range(queries):
+            for j in range(distances.shape[-1]):
+                out[b, :, i, j] = (q[b, :, i] * r[:, int(distances[b, i, j])]).sum(-1)
+    return out
+
+
 def rotary(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     """Rotary position embedding (Su et al. 2021) on interleaved pairs of the last dimension.
 

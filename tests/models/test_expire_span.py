@@ -11,8 +11,6 @@ import memtx
 from memtx.models.expire_span import (
     ExpireSpanMemory,
     expire_mask,
-    gather_position_scores,
-    gather_position_scores_ref,
     log_expire_mask,
     ramp_counts,
 )
@@ -52,22 +50,6 @@ def _run(model, tokens, state=None):
         logits.append(out.logits)
         state = out.state
     return torch.cat(logits, 1), state
-
-
-# -- the position-score op -------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "batch,heads,queries,keys,table",
-    [pytest.param(2, 3, 4, 7, 11, id="B2-H3-T4-K7-N11"), pytest.param(1, 2, 1, 5, 6, id="one-query")],
-)
-def test_gather_position_scores_matches_reference(batch, heads, queries, keys, table):
-    q = torch.randn(batch, heads, queries, 8, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(heads, table, 8, dtype=torch.float64, requires_grad=True)
-    distances = torch.randint(0, table, (batch, queries, keys))
-    out = gather_position_scores(q, r, distances)
-    ref = gather_position_scores_ref(q, r, distances)
-    assert rel_rms(out, ref) < 1e-12
-    for got, want in zip(grads(out, [q, r]), grads(ref, [q, r])):
-        assert rel_rms(got, want) < 1e-12
 
 
 # -- masks and renormalised attention against a per-pair reference ----------------------------
@@ -388,6 +370,23 @@ def test_streaming_equals_full_recompute(seq_len, mem_len, max_span, ramp_len):
     _, state = _run(model, tokens[:, : 4 * seq_len])
     assert torch.equal(stream.state.valid, state.valid) and torch.equal(stream.state.age, state.age)
     assert torch.allclose(stream.state.mem, state.mem, atol=1e-6)
+
+
+def test_streaming_in_chunks_of_any_size_equals_training_forward():
+    """Chunks of several tokens mid-segment take the streaming path's multi-query branch
+    (causal mask, per-query distances) on top of the keys cached so far."""
+    model = _vary_spans(_build(seq_len=6, mem_len=9, max_span=10, ramp_len=3)).eval()
+    tokens = torch.randint(0, 64, (3, 30))
+    expected, state = _run(model, tokens)
+    stream = model.stream(batch_size=3)
+    chunks, pos = [], 0
+    for size in [1, 3, 2, 4, 1, 1, 5, 6, 2, 5]:  # offsets 0..5 with 1..6 tokens, across segments
+        chunks.append(stream.feed(tokens[:, pos : pos + size]))
+        pos += size
+    assert pos == tokens.shape[1]
+    assert rel_rms(torch.cat(chunks, dim=1), expected) < 1e-5
+    stream.feed(tokens[:, :1])  # commits the last segment
+    assert torch.equal(stream.state.age, state.age) and torch.equal(stream.state.valid, state.valid)
 
 
 def test_stream_from_a_ragged_state(ragged):

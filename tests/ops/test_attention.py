@@ -1,4 +1,5 @@
-"""memory_attention (SDPA fast path) against the explicit-softmax reference."""
+"""The attention ops (memory attention, Transformer-XL relative attention, relative attention at
+per-pair distances) against their explicit-softmax references."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from memtx.ops.attention import (
     causal_mask,
     memory_attention,
     memory_attention_ref,
+    pairwise_relative_attention,
+    pairwise_relative_attention_ref,
     relative_memory_attention,
     relative_memory_attention_ref,
 )
@@ -182,3 +185,88 @@ def test_relative_attention_recompute_with_dropout_and_bias_replays_the_same_mas
     assert torch.equal(out, out_rc)
     for a, b in zip(g, g_rc):
         assert rel_rms(b, a) < 1e-12
+
+
+# -- relative attention at per-pair distances ----------------------------------------------------
+PAIRWISE_CASES = [
+    pytest.param(2, 4, 6, 9, 13, 4, id="B2-H4-T6-K9-N13"),
+    pytest.param(1, 2, 5, 5, 5, 2, id="no-memory"),
+    pytest.param(3, 2, 1, 7, 10, 2, id="single-query"),
+    pytest.param(2, 4, 6, 9, 13, 1, id="shared-kv-head"),
+]
+
+
+def _pairwise_inputs(batch, heads, length, keys, table, kv_heads, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
+
+    qc, qp = randn(batch, heads, length, 8), randn(batch, heads, length, 8)
+    k, v = randn(batch, kv_heads, keys, 8), randn(batch, kv_heads, keys, 8)
+    r = randn(heads, table, 8)
+    # random distances repeat within a row, which the scatter in backward must add up
+    distances = torch.randint(0, table, (batch, length, keys), generator=g)
+    bias = torch.randn(batch, length, keys, generator=g, dtype=dtype)
+    blocked = causal_mask(length, keys).logical_not() | (torch.rand(batch, length, keys, generator=g) < 0.3)
+    blocked[:, torch.arange(length), torch.arange(keys - length, keys)] = False  # own key stays
+    bias = bias.masked_fill(blocked, float("-inf")).requires_grad_()
+    return qc, qp, k, v, r, distances, bias
+
+
+@pytest.mark.parametrize("batch,heads,length,keys,table,kv_heads", PAIRWISE_CASES)
+def test_pairwise_relative_attention_matches_reference_outputs_and_grads(
+    batch, heads, length, keys, table, kv_heads
+):
+    qc, qp, k, v, r, distances, bias = _pairwise_inputs(batch, heads, length, keys, table, kv_heads)
+    fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.41)
+    ref = pairwise_relative_attention_ref(qc, qp, k, v, r, distances, bias, scale=0.41)
+    assert rel_rms(fast, ref) < 1e-10
+    inputs = [qc, qp, k, v, r, bias]
+    for name, g_fast, g_ref in zip("qc qp k v r bias".split(), grads(fast, inputs), grads(ref, inputs)):
+        assert torch.isfinite(g_fast).all(), name  # no NaN from the -inf entries
+        assert rel_rms(g_fast, g_ref) < 1e-10, name
+
+
+def test_pairwise_relative_attention_float32_matches_float64():
+    args64 = _pairwise_inputs(2, 4, 6, 9, 13, 4)
+    args32 = [a.detach().float().requires_grad_() if a.is_floating_point() else a for a in args64]
+    out64 = pairwise_relative_attention(*args64)
+    out32 = pairwise_relative_attention(*args32)
+    assert out32.dtype == torch.float32
+    assert rel_rms(out32.double(), out64) < 1e-5
+    weight = torch.randn(out64.shape, dtype=torch.float64)  # one cotangent for both
+    picked = [0, 4, 6]  # q_content, r, bias
+    g32 = torch.autograd.grad((out32 * weight.float()).sum(), [args32[i] for i in picked])
+    g64 = torch.autograd.grad((out64 * weight).sum(), [args64[i] for i in picked])
+    for got, want in zip(g32, g64):
+        assert rel_rms(got.double(), want) < 1e-5
+
+
+def test_pairwise_relative_attention_with_dropout_drops_the_renormalised_weights():
+    qc, qp, k, v, r, distances, bias = _pairwise_inputs(2, 4, 6, 9, 13, 4)
+    torch.manual_seed(3)
+    fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, dropout_p=0.3)
+    # the same computation written out, drawing the same dropout mask
+    from memtx.ops.position import gather_position_scores_ref
+    scale = 8 ** -0.5
+    scores = (torch.einsum("bhid,bhjd->bhij", qc, k) * scale
+              + gather_position_scores_ref(qp * scale, r, distances) + bias[:, None])
+    torch.manual_seed(3)
+    weights = torch.nn.functional.dropout(scores.softmax(-1), p=0.3)
+    expected = torch.einsum("bhij,bhjd->bhid", weights, v)
+    assert rel_rms(fast, expected) < 1e-10
+    without = pairwise_relative_attention(qc, qp, k, v, r, distances, bias)
+    assert rel_rms(fast, without) > 0.05  # dropout did act
+    inputs = [qc, qp, k, v, r, bias]
+    for name, got, want in zip("qc qp k v r bias".split(), grads(fast, inputs), grads(expected, inputs)):
+        assert rel_rms(got, want) < 1e-10, name
+
+
+def test_pairwise_relative_attention_rejects_mismatched_pairs():
+    qc, qp, k, v, r, distances, bias = _pairwise_inputs(1, 2, 4, 6, 8, 2)
+    with pytest.raises(ValueError, match=r"distances .* and bias .* must both be \(B, T, K\)"):
+        pairwise_relative_attention(qc, qp, k, v, r, distances[:, :, :-1], bias)
+    with pytest.raises(ValueError, match=r"must both be \(B, T, K\) = \(1, 4, 6\)"):
+        pairwise_relative_attention(qc, qp, k, v, r, distances, bias[:, :-1])
+

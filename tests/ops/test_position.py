@@ -9,6 +9,8 @@ import torch
 
 from memtx.ops.attention import causal_mask
 from memtx.ops.position import (
+    gather_position_scores,
+    gather_position_scores_ref,
     rel_shift,
     relative_distances,
     relative_position_scores,
@@ -59,3 +61,19 @@ def test_matches_reference_outputs_and_grads(length, mem):
 
 def test_distances_are_descending():
     assert relative_distances(4).tolist() == [3, 2, 1, 0]
+
+
+# -- position scores at per-pair distances -----------------------------------------------------
+@pytest.mark.parametrize(
+    "batch,heads,queries,keys,table",
+    [pytest.param(2, 3, 4, 7, 11, id="B2-H3-T4-K7-N11"), pytest.param(1, 2, 1, 5, 6, id="one-query")],
+)
+def test_gather_position_scores_matches_reference(batch, heads, queries, keys, table):
+    q = torch.randn(batch, heads, queries, 8, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(heads, table, 8, dtype=torch.float64, requires_grad=True)
+    distances = torch.randint(0, table, (batch, queries, keys))
+    out = gather_position_scores(q, r, distances)
+    ref = gather_position_scores_ref(q, r, distances)
+    assert rel_rms(out, ref) < 1e-12
+    for got, want in zip(grads(out, [q, r]), grads(ref, [q, r])):
+        assert rel_rms(got, want) < 1e-12
