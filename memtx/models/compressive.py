@@ -65,6 +65,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError
 from memtx.generation import Stream
+from memtx.layers.attention import KeyValue, KeyValueCache
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import GatedResidual
 from memtx.modeling import MemoryLM
@@ -77,7 +78,6 @@ from memtx.state import State, memory_field
 COMPRESSIONS = ("conv", "mean", "max", "dilated_conv", "most_used")
 POSITIONS = ("sinusoid", "learned")
 
-KeyValue = tuple[Tensor, Tensor]  # (B, H, N, D) keys and values
 
 
 # ============================================================================================
@@ -362,7 +362,7 @@ def attention_reconstruction_loss(
 # ============================================================================================
 class AttentionOutput(NamedTuple):
     out: Tensor  # (B, T, E)
-    kv: KeyValue  # keys and values of [prefix; segment] (B, H, K, D): the stream's next cache
+    kv: KeyValue  # keys and values of [prefix; segment] (B, H, K, D)
     query: Tensor  # (B, H, T, D) content queries (for the reconstruction loss)
     usage: Tensor | None  # (B, M) attention received by the memory, summed over heads/queries
 
@@ -412,7 +412,7 @@ class CompressiveAttention(nn.Module):
     def forward(
         self,
         h: Tensor,
-        kv_prefix: KeyValue | None,
+        kv_prefix: KeyValue | KeyValueCache | None,
         r: Tensor,
         key_valid: Tensor | None,
         usage_columns: tuple[int, int] | None = None,
@@ -420,14 +420,17 @@ class CompressiveAttention(nn.Module):
         """
         Args:
             h: (B, T, E) normalised segment states.
-            kv_prefix: keys and values (B, H, P, D) of the keys before the segment, or None.
+            kv_prefix: keys and values (B, H, P, D) of the keys before the segment, or None;
+                or a :class:`KeyValueCache` of them (streaming), extended in place.
             r: (H, K, D) embeddings of distances K-1, ..., 0 for K = P + T keys.
             key_valid: optional (B, K) bool, False for empty memory slots.
             usage_columns: (start, stop) prefix columns whose attention usage to return.
         """
         q = self._split_heads(self.to_q(h))  # (B, H, T, D)
         k_new, v_new = self.project_kv(h)
-        if kv_prefix is not None:
+        if isinstance(kv_prefix, KeyValueCache):
+            k, v = kv_prefix.extend(k_new, v_new)
+        elif kv_prefix is not None:
             k = torch.cat((kv_prefix[0], k_new), dim=-2)
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:
@@ -495,7 +498,7 @@ class CompressiveBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        kv_prefix: KeyValue | None,
+        kv_prefix: KeyValue | KeyValueCache | None,
         r: Tensor,
         key_valid: Tensor | None,
         usage_columns: tuple[int, int] | None = None,
@@ -742,8 +745,11 @@ class CompressiveStream(Stream):
             self._positions = model.positions(model.position_base(state, model.config.seq_len))
         else:
             self._positions = self._sinusoid
-        self._kv: list[KeyValue | None] = [
-            model.memory_prefix(state, layer) if layer in model.memory_layers else None
+        cached = state.cmem.shape[2] + state.mem.shape[2]
+        self._kv = [
+            KeyValueCache(cached + model.config.seq_len, model.memory_prefix(state, layer))
+            if layer in model.memory_layers
+            else KeyValueCache(model.config.seq_len)
             for layer in range(model.config.depth)
         ]
         self._hiddens: list[list[Tensor]] = [[] for _ in model.blocks]
@@ -772,9 +778,8 @@ class CompressiveStream(Stream):
                 x, self._kv[layer], self._positions[layer][:, -num_keys:],
                 key_valid if has_memory else None, usage_columns,
             )
-            x = out.x
+            x = out.x  # (the attention appended the new keys and values to the cache)
             self._hiddens[layer].append(out.h)
-            self._kv[layer] = out.kv  # [prefix; new tokens], already concatenated by attention
             if out.usage is not None:
                 usages.append(out.usage)
         if usages:

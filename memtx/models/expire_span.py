@@ -339,7 +339,9 @@ class ExpireSpan(MemoryLM):
 
     def spans(self, layer: int, normed: Tensor) -> Tensor:
         """(B, N) spans of normalised entries (B, N, E) of layer ``layer``."""
-        logits = self.span_predictors[layer](normed).squeeze(-1)
+        predictor = self.span_predictors[layer]
+        # F.linear rather than the module call: a streamed token pays this once per layer
+        logits = F.linear(normed, predictor.weight, predictor.bias).squeeze(-1)
         return self.config.max_span * torch.sigmoid(logits.float())
 
     def layer_memory(self, state: ExpireSpanMemory, layer: int) -> LayerMemory:
@@ -411,7 +413,7 @@ class ExpireSpan(MemoryLM):
         # every key's distance to segment position 0: its age, or -j for segment position j
         num_keys = memory.age.shape[1] + offset + length
         base, key_valid = memory.base[:, :num_keys], memory.key_valid[:, :num_keys]  # (B, K)
-        span_loss = x.new_zeros((), dtype=torch.float32)
+        span_loss = None
         if cache is not None:  # streaming: only the new positions' terms are computed
             k, v = cache.kv.extend(k_new, v_new)
             cache.spans[:, offset : offset + length] = new_spans
@@ -458,6 +460,8 @@ class ExpireSpan(MemoryLM):
         out = out.transpose(1, 2).reshape(batch, length, -1)
         x = x + attn.dropout(attn.to_out(out))
         x = x + block.ff_dropout(block.ff(block.ff_norm(x)))
+        if span_loss is None:
+            span_loss = x.new_zeros((), dtype=torch.float32)
         return x, (k_new, v_new, new_spans), span_loss
 
     # -- expiry --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ kernels on CPU and GPU); :func:`memory_attention_ref` is the plain softmax it mu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -21,6 +22,18 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``device_type``, or does nothing when it is already
+    off (entering ``torch.autocast`` costs several microseconds, which a streamed token pays per
+    layer)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
+                   else torch.is_autocast_enabled())
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
@@ -186,7 +199,7 @@ class _RelativeAttention(torch.autograd.Function):
     def forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
         # every input is already in one dtype (see relative_memory_attention); autocast would
         # only move the softmax to float32 and back
-        with torch.autocast(qc.device.type, enabled=False):
+        with no_autocast(qc.device.type):
             return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale, recompute)
 
     @staticmethod
@@ -195,15 +208,19 @@ class _RelativeAttention(torch.autograd.Function):
         batch, heads, num_queries, num_keys, num_pos = shape
         n = batch * heads
         pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
-        if num_queries > 1:
-            pos = _shifted(pos, num_queries, num_pos)
-        scores = qc3.new_empty(n, num_queries, num_keys)
-        if num_pos < num_keys:
-            scores[..., : num_keys - num_pos].zero_()
-        scores[..., num_keys - num_pos:].copy_(pos)
+        if num_queries == 1 and num_pos == num_keys:  # one query: already aligned, ours to use
+            scores = pos
+        else:
+            if num_queries > 1:
+                pos = _shifted(pos, num_queries, num_pos)
+            scores = qc3.new_empty(n, num_queries, num_keys)
+            if num_pos < num_keys:
+                scores[..., : num_keys - num_pos].zero_()
+            scores[..., num_keys - num_pos:].copy_(pos)
         del pos
         scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
-        scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
+        if blocked is not None:
+            scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
         return scores
 
     @staticmethod
@@ -241,7 +258,7 @@ class _RelativeAttention(torch.autograd.Function):
         scale = ctx.scale
         if ctx.recompute:
             lse, qc3, qp, k3, v3, r3, out, blocked = ctx.saved_tensors
-            with torch.autocast(qc3.device.type, enabled=False):
+            with no_autocast(qc3.device.type):
                 weights = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
             weights = weights.sub_(lse).exp_()
         else:
@@ -338,9 +355,11 @@ def relative_memory_attention(
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
     dtype = q_content.dtype
-    blocked = causal_blocked(num_queries, num_keys, q_content.device)  # (T, K)
+    # (T, K); a single query (the last position) sees every key
+    blocked = causal_blocked(num_queries, num_keys, q_content.device) if num_queries > 1 else None
     if key_valid is not None:
-        blocked = blocked | ~key_valid[:, None, None, :]  # (B, 1, T, K)
+        invalid = ~key_valid[:, None, None, :]  # (B, 1, T, K)
+        blocked = invalid if blocked is None else blocked | invalid
     # without autograd there is nothing to keep, so the plain softmax is the cheaper forward
     recompute = recompute and torch.is_grad_enabled()
     return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
@@ -396,7 +415,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qc, qp, k, v, r, distances, bias, scale):
-        with torch.autocast(qc.device.type, enabled=False):
+        with no_autocast(qc.device.type):
             batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
             n = batch * heads

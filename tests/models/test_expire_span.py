@@ -15,7 +15,7 @@ from memtx.models.expire_span import (
     ramp_counts,
 )
 from memtx.ops.position import sinusoid
-from memtx.testing import grads, rel_rms
+from memtx.testing import rel_rms
 
 SMALL = dict(dim=32, depth=2, heads=4, vocab_size=64)
 
