@@ -61,13 +61,13 @@ from torch import Tensor, nn
 from memtx.config import ModelConfig
 from memtx.errors import InputError
 from memtx.generation import Stream, _check_sampling, sample_next
+from memtx.layers.attention import KeyValue, KeyValueCache
 from memtx.layers.feedforward import FeedForward
 from memtx.modeling import IGNORE_INDEX, MemoryLM, lm_loss
 from memtx.reference import register_converter
 from memtx.registry import register
 from memtx.state import State, memory_field
 
-KeyValue = tuple[Tensor, Tensor]  # (B, H, K, D) keys and values
 Mode = Literal["lm", "encoder_decoder", "encoder"]
 
 
@@ -346,13 +346,15 @@ class MemformerLayer(nn.Module):
         self_mask: Tensor | None,
         cross_kv: KeyValue,
         cross_mask: Tensor | None = None,
-        self_prefix: KeyValue | None = None,
+        self_prefix: KeyValue | KeyValueCache | None = None,
     ) -> tuple[Tensor, KeyValue]:
         """One layer over ``x`` (B, T, E). ``self_prefix`` holds cached keys and values of earlier
-        positions (streaming); returns the output and this call's own self-attention keys and
-        values."""
+        positions (streaming; a :class:`KeyValueCache` is extended in place); returns the output
+        and this call's own self-attention keys and values."""
         q, (k, v) = self.self_attn.project_qkv(self.self_norm(x))
-        if self_prefix is not None:
+        if isinstance(self_prefix, KeyValueCache):
+            kv = self_prefix.extend(k, v)
+        elif self_prefix is not None:
             kv = (torch.cat((self_prefix[0], k), dim=2), torch.cat((self_prefix[1], v), dim=2))
         else:
             kv = (k, v)
@@ -479,7 +481,7 @@ class Memformer(MemoryLM):
         input_ids: Tensor,
         slots: Tensor,
         src_mask: Tensor | None = None,
-        kv_cache: list[KeyValue] | None = None,
+        kv_cache: list[KeyValue] | list[KeyValueCache] | None = None,
         offset: int = 0,
         cross_kv: list[KeyValue] | None = None,
     ) -> tuple[Tensor, list[KeyValue]]:
@@ -546,7 +548,7 @@ class Memformer(MemoryLM):
         cross_kv: list[KeyValue],
         cross_mask: Tensor | None,
         tgt_mask: Tensor | None = None,
-        kv_cache: list[KeyValue] | None = None,
+        kv_cache: list[KeyValue] | list[KeyValueCache] | None = None,
         offset: int = 0,
     ) -> tuple[Tensor, list[KeyValue]]:
         """Logits (B, T, V) of target tokens at positions ``offset ..`` and each layer's new
@@ -632,8 +634,9 @@ class Memformer(MemoryLM):
             encoded, next_state = self.encode(src, state, src_mask)
             cross_kv = [layer.cross_attn.project_kv(encoded) for layer in self.decoder_layers]
             cross_mask = padding_mask(None, src_mask, encoded.dtype)
-            logits, cache = self.run_decoder(start_ids, cross_kv, cross_mask)
+            logits, kvs = self.run_decoder(start_ids, cross_kv, cross_mask)
             position = start_ids.shape[1]
+            cache = [KeyValueCache(position + max_new_tokens, kv) for kv in kvs]
             new_tokens: list[Tensor] = []
             done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
             for i in range(max_new_tokens):
@@ -647,10 +650,9 @@ class Memformer(MemoryLM):
                     if bool(done.all()):
                         break
                 if i + 1 < max_new_tokens:
-                    logits, kvs = self.run_decoder(token[:, None], cross_kv, cross_mask,
-                                                   kv_cache=cache, offset=position)
-                    cache = [(torch.cat((c[0], n[0]), 2), torch.cat((c[1], n[1]), 2))
-                             for c, n in zip(cache, kvs)]
+                    # the decoder layers append the token's keys and values to the caches
+                    logits, _ = self.run_decoder(token[:, None], cross_kv, cross_mask,
+                                                 kv_cache=cache, offset=position)
                     position += 1
         finally:
             self.train(was_training)
@@ -717,17 +719,16 @@ class MemformerStream(Stream):
     def _start_segment(self) -> None:
         self._slots = self.model.read_slots(self.state)
         self._cross_kv = [layer.cross_attn.project_kv(self._slots) for layer in self.model.encoder_layers]
-        self._kv: list[KeyValue] | None = None
+        seq_len = self.model.config.seq_len
+        self._kv = [KeyValueCache(seq_len) for _ in self.model.encoder_layers]
         self._encoded: list[Tensor] = []
 
     def _advance(self, input_ids: Tensor) -> Tensor:
-        encoded, kvs = self.model.run_encoder(
+        # the encoder layers append the new positions' keys and values to the caches
+        encoded, _ = self.model.run_encoder(
             input_ids, self._slots, kv_cache=self._kv, offset=self.partial_len,
             cross_kv=self._cross_kv,
         )
-        self._kv = kvs if self._kv is None else [
-            (torch.cat((c[0], n[0]), 2), torch.cat((c[1], n[1]), 2)) for c, n in zip(self._kv, kvs)
-        ]
         self._encoded.append(encoded)
         return self.model.head(encoded)
 

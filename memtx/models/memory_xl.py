@@ -65,6 +65,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError, StateError
 from memtx.generation import Stream
+from memtx.layers.attention import KeyValue, KeyValueCache
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import NBRC, GatedResidual
 from memtx.modeling import MemoryLM
@@ -74,7 +75,6 @@ from memtx.reference import register_converter
 from memtx.registry import register
 from memtx.state import State, memory_field
 
-KeyValue = tuple[Tensor, Tensor]  # (B, H or 1, K, D) keys and values
 NO_POSITION = -1  # key slot of a key without a learned position score (see learned_table_index)
 
 
@@ -314,7 +314,7 @@ class MemoryXLAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        kv_prefix: KeyValue,
+        kv_prefix: KeyValue | KeyValueCache,
         key_valid: Tensor | None,
         *,
         r: Tensor | None = None,
@@ -324,7 +324,8 @@ class MemoryXLAttention(nn.Module):
         """
         Args:
             x: (B, T, E) normalised new tokens.
-            kv_prefix: (B, H or 1, P, D) keys and values of the keys before them.
+            kv_prefix: (B, H or 1, P, D) keys and values of the keys before them, or a
+                :class:`KeyValueCache` of them (streaming), extended in place.
             key_valid: (B, K) bool, False for keys never to attend to; None if all are valid.
             r: sinusoid positions: (H, K', D) from :meth:`project_positions` for the last K'
                 keys (short memory and segment); the keys before them get no position score.
@@ -335,7 +336,9 @@ class MemoryXLAttention(nn.Module):
         """
         q = self._split(self.to_q(x), self.heads)  # (B, H, T, D)
         k_new, v_new = self.project_kv(x)
-        if kv_prefix[0].shape[-2] > 0:
+        if isinstance(kv_prefix, KeyValueCache):
+            k, v = kv_prefix.extend(k_new, v_new)
+        elif kv_prefix[0].shape[-2] > 0:
             k = torch.cat((kv_prefix[0], k_new), dim=-2)
             v = torch.cat((kv_prefix[1], v_new), dim=-2)
         else:
@@ -381,7 +384,7 @@ class MemoryXLBlock(nn.Module):
             parts.append(self.attn_norm(memory) if self.norm_memory else memory)
         return self.attn.project_kv(torch.cat(parts, dim=1))
 
-    def forward(self, x: Tensor, kv_prefix: KeyValue, key_valid: Tensor | None,
+    def forward(self, x: Tensor, kv_prefix: KeyValue | KeyValueCache, key_valid: Tensor | None,
                 **positions: Tensor | None) -> tuple[Tensor, KeyValue]:
         """(B, T, E) -> (B, T, E) and the new keys and values (arguments as
         :meth:`MemoryXLAttention.forward`)."""
@@ -642,7 +645,7 @@ class MemoryXL(MemoryLM):
     def run_blocks(
         self,
         x: Tensor,
-        kv_prefixes: list[KeyValue],
+        kv_prefixes: list[KeyValue] | list[KeyValueCache],
         state: MemoryXLState,
         first_query: int,
         projected_positions: list[Tensor] | None = None,
@@ -723,7 +726,9 @@ class MemoryXLStream(Stream):
         self._start_segment()
 
     def _start_segment(self) -> None:
-        self._kv = self.model.memory_prefixes(self.state)
+        seq_len = self.model.config.seq_len
+        self._kv = [KeyValueCache(prefix[0].shape[-2] + seq_len, prefix)
+                    for prefix in self.model.memory_prefixes(self.state)]
         self._layer_inputs: list[list[Tensor]] = [[] for _ in self.model.memory_layers]
 
     def _commit(self) -> None:
@@ -735,13 +740,10 @@ class MemoryXLStream(Stream):
     def _advance(self, input_ids: Tensor) -> Tensor:
         model = self.model
         x = model.embed(input_ids)
-        x, new_kvs, hiddens = model.run_blocks(
-            x, self._kv, self.state, self.partial_len, self._positions
-        )
+        # the attention layers append the new keys and values to the caches
+        x, _, hiddens = model.run_blocks(x, self._kv, self.state, self.partial_len, self._positions)
         for chunks, h in zip(self._layer_inputs, hiddens):
             chunks.append(h)
-        self._kv = [(torch.cat((k, k_new), dim=-2), torch.cat((v, v_new), dim=-2))
-                    for (k, v), (k_new, v_new) in zip(self._kv, new_kvs)]
         return model.head(model.norm(x))
 
 
