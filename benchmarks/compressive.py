@@ -90,7 +90,9 @@ def run_bars(args: argparse.Namespace) -> dict:
         train, _ = speed.memtx_steps(model, args.batch_size, 0)
         ref_train, _, ref_generate = compressive_reference_steps(model, args.batch_size, 0)
         log(f"training mem {mem_len}")
-        times = speed.alternate({"memtx": train, "reference": ref_train}, args.steps, args.warmup)
+        # time steady-state steps: memory and compressed memory full
+        warmup = max(args.warmup, model.segments_to_fill() + 1)
+        times = speed.alternate({"memtx": train, "reference": ref_train}, args.steps, warmup)
         tokens = args.batch_size * 256
         entry = {
             "memtx_tokens_per_s": tokens / statistics.median(times["memtx"]),

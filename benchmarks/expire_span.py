@@ -207,7 +207,7 @@ def speed_report(args: argparse.Namespace) -> dict[str, Any]:
         steps = {"transformer_xl": train_step_fn(xl, args.batch_size),
                  "expire_span": train_step_fn(es, args.batch_size)}
         # warm-up long enough for both memories to fill
-        times = alternate(steps, args.rounds, warmup=math.ceil(args.max_span / args.seq_len) + 1)
+        times = alternate(steps, args.rounds, warmup=max(xl.segments_to_fill(), es.segments_to_fill()) + 1)
         steps["expire_span"]()  # one more step to read the memory it holds
         run: dict[str, Any] = {
             "span_fraction": fraction,

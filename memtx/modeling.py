@@ -16,6 +16,8 @@ loss, saving and streaming generation are written once here.
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from dataclasses import dataclass
@@ -85,6 +87,17 @@ class MemoryLM(nn.Module):
     def state_limits(self) -> dict[str, int]:
         """Largest size of each state dimension that may grow (e.g. ``{"mem": mem_len}``)."""
         return {}
+
+    def segments_to_fill(self) -> int:
+        """Full segments after which an empty state has reached its steady size (0 for a
+        fixed-size state). A model whose memory is still growing attends over less and holds
+        less, so benchmarks run this many segments before they time or measure anything.
+
+        The default is the longest growing dimension of :meth:`state_limits` over ``seq_len``;
+        models whose memory fills in stages override it.
+        """
+        longest = max(self.state_limits().values(), default=0)
+        return math.ceil(longest / self.config.seq_len)
 
     # -- properties ----------------------------------------------------------------------------
     @property

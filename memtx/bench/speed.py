@@ -169,9 +169,7 @@ def _peak_training_memory(cfg: SpeedConfig, which: str) -> float:
     else:
         train, _, _ = reference_for(cfg.arch)(model, cfg.batch_size, cfg.seed)
     # fill the memory first: a model whose memory is still growing is cheaper than in steady state
-    cfg_model = model.config
-    fill_steps = getattr(cfg_model, "mem_len", 0) // cfg_model.seq_len + 1
-    for _ in range(fill_steps):
+    for _ in range(model.segments_to_fill() + 1):
         train()
     with peak_above_now() as peak:
         for _ in range(3):
@@ -200,11 +198,13 @@ def run(cfg: SpeedConfig) -> dict[str, Any]:
     if reference:
         ref_train, ref_infer, ref_generate = reference_for(cfg.arch)(model, batch, cfg.seed)
         contenders["reference_train"] = ref_train
-    times = alternate(contenders, cfg.steps, cfg.warmup)
+    # timed steps start once the memory has reached its steady size
+    warmup = max(cfg.warmup, model.segments_to_fill() + 1)
+    times = alternate(contenders, cfg.steps, warmup)
     infer_contenders = {"memtx_infer": infer}
     if reference:
         infer_contenders["reference_infer"] = ref_infer
-    times.update(alternate(infer_contenders, cfg.steps, cfg.warmup))
+    times.update(alternate(infer_contenders, cfg.steps, warmup))
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     tokens = batch * seq_len

@@ -54,6 +54,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -567,6 +568,13 @@ class CompressiveTransformer(MemoryLM):
 
     def state_limits(self) -> dict[str, int]:
         return {"mem": self.config.mem_len, "cmem": self.config.cmem_len}
+
+    def segments_to_fill(self) -> int:
+        """The memory fills first; then each segment's evictions add to the compressed memory
+        until ``cmem_len`` (``cmem_len * compress_ratio`` evicted positions)."""
+        cfg = self.config
+        return (math.ceil(cfg.mem_len / cfg.seq_len)
+                + math.ceil(cfg.cmem_len * cfg.compress_ratio / cfg.seq_len))
 
     def written_states(self, hiddens: list[Tensor]) -> Tensor:
         """(L_mem, B, T, E) states each memory layer commits, from every layer's normalised

@@ -328,6 +328,12 @@ class ExpireSpan(MemoryLM):
     def state_limits(self) -> dict[str, int]:
         return {"mem": self.config.mem_len}
 
+    def segments_to_fill(self) -> int:
+        """Entries live at most ``max_span + ramp_len`` positions and at most ``mem_len`` are
+        kept, whichever binds first."""
+        cfg = self.config
+        return math.ceil(min(cfg.mem_len, cfg.max_span + cfg.ramp_len) / cfg.seq_len)
+
     def check_state(self, state: ExpireSpanMemory, batch_size: int, device: torch.device) -> None:
         super().check_state(state, batch_size, device)
         if state.valid.dtype != torch.bool:
