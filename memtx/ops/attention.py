@@ -220,7 +220,10 @@ class _RelativeAttention(torch.autograd.Function):
         del pos
         scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
         if blocked is not None:
-            scores.view(batch, heads, num_queries, num_keys).masked_fill_(blocked, float("-inf"))
+            # blocked covers the last blocked.shape[-1] keys (the segment's, when only the causal
+            # mask applies): the pass over the scores skips the memory columns
+            scores.view(batch, heads, num_queries, num_keys)[..., num_keys - blocked.shape[-1]:] \
+                .masked_fill_(blocked, float("-inf"))
         return scores
 
     @staticmethod
@@ -355,8 +358,13 @@ def relative_memory_attention(
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
     dtype = q_content.dtype
-    # (T, K); a single query (the last position) sees every key
-    blocked = causal_blocked(num_queries, num_keys, q_content.device) if num_queries > 1 else None
+    # a single query (the last position) sees every key; otherwise only keys of the segment
+    # (the last T) can be after a query, so the causal mask is (T, T) over those, unless some
+    # memory keys are invalid and the mask must span all K
+    blocked = None
+    if num_queries > 1:
+        mask_keys = num_keys if key_valid is not None else num_queries
+        blocked = causal_blocked(num_queries, mask_keys, q_content.device)
     if key_valid is not None:
         invalid = ~key_valid[:, None, None, :]  # (B, 1, T, K)
         blocked = invalid if blocked is None else blocked | invalid
