@@ -18,11 +18,13 @@ from memtx.bench import references, speed  # noqa: F401  (registers the referenc
 
 
 
-CONFIGS = [  # name, heads (None: one channel per head), seq_len, with generation
-    ("heads8_seq1024", 8, 1024, True),
-    ("heads256_seq1024", None, 1024, False),
-    ("heads256_seq4096_memory", None, 4096, False),
-    ("heads8_seq4096_memory", 8, 4096, False),
+CONFIGS = [  # name, heads (None: one channel per head), seq_len, with generation, other options
+    ("heads8_seq1024", 8, 1024, True, {}),
+    ("heads256_seq1024", None, 1024, False, {}),
+    ("heads256_seq4096_memory", None, 4096, False, {}),
+    ("heads8_seq4096_memory", 8, 4096, False, {}),
+    ("heads256_seq4096_memory_checkpoint_blocks", None, 4096, False, {"checkpoint_blocks": True}),
+    ("heads8_seq4096_memory_checkpointing", 8, 4096, False, {"gradient_checkpointing": True}),
 ]
 
 
@@ -36,12 +38,13 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     base = dict(dim=256, depth=4)
-    for name, heads, seq_len, gen in CONFIGS:
+    for name, heads, seq_len, gen, options in CONFIGS:
         if args.only and name not in args.only:
             continue
         gen = args.generate_tokens if gen else 0
         cfg = speed.SpeedConfig(
-            arch="gateloop", model={**base, "heads": heads, "seq_len": seq_len}, batch_size=4,
+            arch="gateloop", model={**base, "heads": heads, "seq_len": seq_len, **options},
+            batch_size=4,
             steps=args.steps if "memory" not in name else 1, warmup=1,
             generate_tokens=gen, reference=True, memory="memory" in name,
         )

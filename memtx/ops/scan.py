@@ -63,6 +63,7 @@ __all__ = [
     "gate_loop",
     "gate_loop_chunked",
     "gate_loop_step",
+    "uses_recurrent_form",
 ]
 
 DEFAULT_CHUNK_SIZE = 64
@@ -82,6 +83,13 @@ def _resolve_intra(intra: IntraMode, Dk: int, Dv: int) -> str:
     if intra not in ("matmul", "recurrent"):
         raise ValueError(f"intra must be 'auto', 'matmul' or 'recurrent', got {intra!r}")
     return intra
+
+
+def uses_recurrent_form(dk: int, dv: int) -> bool:
+    """Whether :func:`gate_loop_chunked` steps the recurrence (tiny states) rather than forming
+    decay matrices; it then takes complex gates as they are, where the matmul form wants
+    ``(log|a|, angle(a))``."""
+    return _resolve_intra("auto", dk, dv) == "recurrent"
 
 
 def default_chunk_size(dk: int, dv: int | None = None, intra: IntraMode = "auto") -> int:
@@ -261,33 +269,75 @@ def _chunked_matmul(
     return out, final_state
 
 
+def _scan_states(gate: Tensor, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+    """Every state of ``h_t = a_t h_{t-1} + u_t`` (no autograd).
+
+    gate (B, H, N, C) complex, u (B, H, N, C, Dk, Dv) complex, state (B, H, Dk, Dv) complex
+    entering the first chunk. Returns the states (B, H, N, C, Dk, Dv) (time-major storage) and
+    the last one. Two passes over the C positions of all chunks at once: the chunk summaries
+    from zero states, then, after the short loop over chunks, each chunk again from its true
+    entering state. Products of |a| <= 1 only shrink, so this
+    needs no log space.
+    """
+    # C x (B, H, N, Dk, Dv), each step one contiguous slab (a copy: the passes write into it)
+    steps = u.movedim(3, 0).clone(memory_format=torch.contiguous_format)
+    a_steps = gate.movedim(3, 0)[..., None, None]  # C x (B, H, N, 1, 1)
+    summary = steps[0].clone()
+    for a_i, u_i in zip(a_steps[1:], steps[1:]):
+        summary.mul_(a_i).add_(u_i)
+    chunk_decay = torch.prod(gate, dim=-1)[..., None, None]  # (B, H, N, 1, 1)
+    starts, final_state = _carry_state(chunk_decay, summary, state)
+    s = starts
+    for a_i, u_i in zip(a_steps, steps):
+        s = u_i.addcmul_(a_i, s)
+    return steps.movedim(0, 3), final_state
+
+
+class _RecurrentScan(torch.autograd.Function):
+    """``h_t = a_t h_{t-1} + u_t`` over chunks, returning every state and the last: forward
+    and backward are each one :func:`_scan_states`, the backward one running backwards in time
+    with the conjugate gates (``G_t = dH_t + conj(a_{t+1}) G_{t+1}``). Saves the gates, the
+    entering state and the states it returns; through autograd, the 2C steps of the two passes
+    would each keep their own (B, H, N, Dk, Dv) tensors."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        states, final_state = _scan_states(gate, u, state)
+        ctx.save_for_backward(gate, state, states)
+        return states, final_state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_states: Tensor | None, grad_final: Tensor | None):
+        gate, state, states = ctx.saved_tensors
+        B, H, N, C = gate.shape
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
+        if grad_final is None:
+            grad_final = torch.zeros_like(state)
+        # reversed time: G'_t = b_t G'_{t-1} + dH'_t with b_t = conj(a) of the step after, and
+        # G'_{-1} = dL/dh_last entering through b_0 = 1
+        flipped = gate.reshape(B, H, N * C).flip(-1).conj()
+        b = torch.cat((torch.ones_like(flipped[..., :1]), flipped[..., :-1]), dim=-1)
+        grads, _ = _scan_states(b.reshape(B, H, N, C), grad_states.flip(2, 3), grad_final)
+        grads = grads.flip(2, 3)  # (B, H, N, C, Dk, Dv): dL/dh_t, all paths
+        # the state before each step: the entering state, then every state but the last
+        flat = states.reshape(B, H, N * C, *states.shape[-2:])
+        previous = torch.cat((state[:, :, None], flat[:, :, :-1]), dim=2).reshape(states.shape)
+        grad_gate = (grads * previous.conj()).sum((-2, -1))
+        grad_state = gate[:, :, 0, 0, None, None].conj() * grads[:, :, 0, 0]
+        return grad_gate, grads, grad_state
+
+
 def _chunked_recurrent(
     q: Tensor, k: Tensor, v: Tensor, gate: Tensor, state: Tensor
 ) -> Tuple[Tensor, Tensor]:
     """Recurrent strategy for tiny states. q, k (B, H, N, C, Dk), v (B, H, N, C, Dv) real,
     gate (B, H, N, C) complex, state (B, H, Dk, Dv) complex. Returns out (B, H, N, C, Dv)."""
-    # Time-major and contiguous, so each of the C steps below reads one contiguous slab.
-    kv = (k[..., :, None] * v[..., None, :]).to(gate.dtype)  # (B, H, N, C, Dk, Dv)
-    kv_steps = kv.movedim(3, 0).contiguous().unbind(0)  # C x (B, H, N, Dk, Dv)
-    a_steps = gate.movedim(3, 0).contiguous()[..., None, None].unbind(0)  # C x (B, H, N, 1, 1)
-
-    # Pass 1: every chunk from a zero state at once, keeping only its end (the chunk summary).
-    summary = kv_steps[0]
-    for a_i, kv_i in zip(a_steps[1:], kv_steps[1:]):
-        summary = torch.addcmul(kv_i, a_i, summary)  # kv_i + a_i * summary
-    chunk_decay = torch.prod(gate, dim=-1)[..., None, None]  # (B, H, N, 1, 1)
-    starts, final_state = _carry_state(chunk_decay, summary, state)
-
-    # Pass 2: rerun each chunk from its true entering state. Two cheap passes beat one pass
-    # plus stacked chunk-local decays and a correction term (fewer full-size tensors).
-    s = starts  # (B, H, N, Dk, Dv)
-    states = []
-    for a_i, kv_i in zip(a_steps, kv_steps):
-        s = torch.addcmul(kv_i, a_i, s)
-        states.append(s)
-    full = torch.stack(states, dim=0).real  # (C, B, H, N, Dk, Dv)
-    out = (q.movedim(3, 0)[..., :, None] * full).sum(-2)  # (C, B, H, N, Dv)
-    return out.movedim(0, 3), final_state
+    u = (k[..., :, None] * v[..., None, :]).to(gate.dtype)  # (B, H, N, C, Dk, Dv)
+    states, final_state = _RecurrentScan.apply(gate, u, state)
+    out = (q[..., :, None] * states.real).sum(-2)  # (B, H, N, C, Dv)
+    return out, final_state
 
 
 # ---------------------------------------------------------------------------------------------

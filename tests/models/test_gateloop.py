@@ -103,15 +103,49 @@ def test_frac_gradient_scales_only_the_transition_gradient():
     assert not torch.allclose(grads[0.25]["embed.weight"], grads[1.0]["embed.weight"])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("flags", [
+    pytest.param(dict(gradient_checkpointing=True), id="recurrence"),
+    pytest.param(dict(checkpoint_blocks=True), id="blocks"),
+    pytest.param(dict(checkpoint_blocks=True, use_gate_looped_attn=False), id="blocks-full-attention"),
+])
+def test_gradient_checkpointing_gives_the_same_gradients(flags):
     x = torch.randint(0, 40, (2, 12))
-    grads = []
-    for flag in (False, True):
+    base = {"use_gate_looped_attn": flags.get("use_gate_looped_attn", True)}
+    results = []
+    for overrides in (base, {**base, **flags}):
         torch.manual_seed(0)
-        model = memtx.build("gateloop", seq_len=12, gradient_checkpointing=flag, **SMALL)
-        model(x, targets=x).loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert rel_rms(grads[1], grads[0]) < 1e-6
+        model = memtx.build("gateloop", seq_len=12, **{**SMALL, **overrides})
+        state = model.init_state(2)
+        if model.config.use_gate_looped_attn:  # a carried state gets its gradient too
+            state = type(state)(recurrent=torch.randn_like(state.recurrent).requires_grad_())
+        out = model(x, state, targets=x)
+        (out.loss + out.state.recurrent.abs().sum()).backward()
+        grads = [p.grad.flatten() for p in model.parameters()]
+        if state.recurrent.requires_grad:
+            grads.append(torch.view_as_real(state.recurrent.grad).flatten())
+        results.append(torch.cat(grads))
+    assert rel_rms(results[1], results[0]) < 1e-6
+
+
+def test_complex_gate_matches_its_reference_in_values_and_gradients():
+    from memtx.models.gateloop import GateLoopConfig, complex_gate, complex_gate_ref
+
+    cfg = GateLoopConfig(**SMALL, frac_gradient_state_transition=0.7)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, 2, generator=g, dtype=torch.float64) * 3
+    z[0, 0, 0] = 0.0  # a = 1/2 exactly, gradient 0 (angle is undefined there)
+    z[1, 2, 3] = torch.tensor([1e-6, -2e-6])  # tiny |z|: a large but finite gradient
+    z.requires_grad_()
+    fast, ref = complex_gate(z, cfg), complex_gate_ref(z, cfg)
+    assert fast.dtype == ref.dtype == torch.complex128
+    assert torch.allclose(fast, ref, atol=1e-12)
+    assert fast[0, 0, 0] == 0.5
+    weight = torch.randn(fast.shape, generator=g, dtype=torch.complex128)
+    g_fast, = torch.autograd.grad((fast * weight).real.sum(), z)
+    g_ref, = torch.autograd.grad((ref * weight).real.sum(), z)
+    assert torch.isfinite(g_fast).all()
+    assert rel_rms(g_fast, g_ref) < 1e-9
+    assert torch.equal(g_fast[0, 0, 0], torch.zeros(2, dtype=torch.float64))
 
 
 def test_cumulative_decay_runs_over_time():
