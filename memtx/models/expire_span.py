@@ -552,11 +552,12 @@ class ExpireSpan(MemoryLM):
 class ExpireSpanStream(Stream):
     """Streaming decoder with a key/value cache of ``[memory; partial segment]`` per layer.
 
-    At the start of a segment each layer's memory is projected once (keys, values, spans) and the
-    position table is built up to the oldest entry; every new token then costs one query against
-    at most ``mem_len + seq_len`` keys, as in :class:`TransformerXLStream`, and fewer when entries
-    have expired. At a segment boundary the segment is committed with :meth:`ExpireSpan.expire`,
-    exactly as a training forward pass does.
+    At the start of a segment each layer's memory is projected once (keys, values, spans, and
+    each entry's :func:`expire_reach`) and the position table is built up to the oldest entry;
+    every new token then adds its own key, value, span and reach to the layer's
+    :class:`SegmentCache` and costs one query against at most ``mem_len + seq_len`` keys, as in
+    :class:`TransformerXLStream`, and fewer when entries have expired. At a segment boundary the
+    segment is committed with :meth:`ExpireSpan.expire`, exactly as a training forward pass does.
     """
 
     model: ExpireSpan
