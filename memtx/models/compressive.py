@@ -570,11 +570,17 @@ class CompressiveTransformer(MemoryLM):
         return {"mem": self.config.mem_len, "cmem": self.config.cmem_len}
 
     def segments_to_fill(self) -> int:
-        """The memory fills first; then each segment's evictions add to the compressed memory
-        until ``cmem_len`` (``cmem_len * compress_ratio`` evicted positions)."""
+        """The memory fills first; then each segment's evictions, compressed (a group of up to
+        ``compress_ratio`` evicted positions per compressed entry, as :meth:`commit` does), add
+        to the compressed memory until ``cmem_len``. Counted by following the sizes."""
         cfg = self.config
-        return (math.ceil(cfg.mem_len / cfg.seq_len)
-                + math.ceil(cfg.cmem_len * cfg.compress_ratio / cfg.seq_len))
+        mem = cmem = segments = 0
+        while mem < cfg.mem_len or cmem < cfg.cmem_len:
+            segments += 1
+            evicted = max(mem + cfg.seq_len - cfg.mem_len, 0)
+            mem += cfg.seq_len - evicted
+            cmem = min(cfg.cmem_len, cmem + math.ceil(evicted / cfg.compress_ratio))
+        return segments
 
     def written_states(self, hiddens: list[Tensor]) -> Tensor:
         """(L_mem, B, T, E) states each memory layer commits, from every layer's normalised

@@ -329,10 +329,10 @@ class ExpireSpan(MemoryLM):
         return {"mem": self.config.mem_len}
 
     def segments_to_fill(self) -> int:
-        """Entries live at most ``max_span + ramp_len`` positions and at most ``mem_len`` are
-        kept, whichever binds first."""
+        """An entry is kept while ``e + R - age > 0`` with ``e <= max_span``, so at most
+        ``max_span + ramp_len - 1`` entries, and at most ``mem_len``, whichever binds first."""
         cfg = self.config
-        return math.ceil(min(cfg.mem_len, cfg.max_span + cfg.ramp_len) / cfg.seq_len)
+        return math.ceil(min(cfg.mem_len, cfg.max_span + cfg.ramp_len - 1) / cfg.seq_len)
 
     def check_state(self, state: ExpireSpanMemory, batch_size: int, device: torch.device) -> None:
         super().check_state(state, batch_size, device)
@@ -348,7 +348,9 @@ class ExpireSpan(MemoryLM):
         predictor = self.span_predictors[layer]
         # F.linear rather than the module call: a streamed token pays this once per layer
         logits = F.linear(normed, predictor.weight, predictor.bias).squeeze(-1)
-        return self.config.max_span * torch.sigmoid(logits.float())
+        # at least float32 (bf16 under autocast), float64 models keep float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return self.config.max_span * torch.sigmoid(logits)
 
     def layer_memory(self, state: ExpireSpanMemory, layer: int) -> LayerMemory:
         """Layer ``layer``'s memory, cut to its longest row (entries are right-aligned)."""

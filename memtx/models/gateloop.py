@@ -198,15 +198,16 @@ class _ComplexGate(torch.autograd.Function):
         zr, zi = z.unbind(-1)
         gr, gi = grad.real, grad.imag
         r = torch.hypot(zr, zi)
-        s = torch.sigmoid(r)
         nonzero = r > 0
         safe_r = torch.where(nonzero, r, 1.0)
-        f = s / safe_r
-        # a = f(r) z with f = sigmoid(r) / r: da/dz = f I + f'(r) z z^T / r
-        df = (s * (1.0 - s) * safe_r - s) / safe_r**2
-        w = torch.where(nonzero, df / safe_r * (gr * zr + gi * zi), 0.0)
-        f = torch.where(nonzero, f, 0.0)
-        grad_z = torch.stack((gr * f + zr * w, gi * f + zi * w), dim=-1)
+        s = torch.sigmoid(r)
+        # a = s(r) u with u = z / r: da/dz = s'(r) u u^T + (s / r) t t^T, t = (-u_i, u_r) the
+        # tangent. Split this way nothing cancels, even for tiny |z| in float32.
+        ur, ui = zr / safe_r, zi / safe_r
+        radial = s * (1.0 - s) * (gr * ur + gi * ui)
+        tangential = torch.where(nonzero, s / safe_r, 0.0) * (gi * ur - gr * ui)
+        radial = torch.where(nonzero, radial, 0.0)  # angle(0) = 0: no gradient at z = 0
+        grad_z = torch.stack((radial * ur - tangential * ui, radial * ui + tangential * ur), dim=-1)
         return grad_z * ctx.frac, None
 
 

@@ -12,9 +12,16 @@ SMALL = dict(dim=16, depth=2, heads=2, vocab_size=32, seq_len=4)
 CASES = [
     pytest.param("transformer_xl", dict(mem_len=10), 3, id="transformer_xl"),
     pytest.param("compressive", dict(mem_len=8, cmem_len=4, compress_ratio=2), 4, id="compressive"),
+    # lengths that are not multiples of the segment or of the ratio
+    pytest.param("compressive", dict(mem_len=6, cmem_len=3, compress_ratio=2), 3,
+                 id="compressive-mem-not-a-multiple"),
+    pytest.param("compressive", dict(mem_len=4, cmem_len=4, compress_ratio=3), 3,
+                 id="compressive-ratio-not-dividing-the-segment"),
     pytest.param("memory_xl", dict(mem_len=6, lmem_len=3), 2, id="memory_xl"),
     # spans pushed to the maximum below, so the mem_len cap is what binds
-    pytest.param("expire_span", dict(mem_len=9, max_span=16, ramp_len=2), 3, id="expire_span"),
+    pytest.param("expire_span", dict(mem_len=9, max_span=16, ramp_len=2), 3, id="expire_span-cap"),
+    # a cap that never binds: the longest span does (at most max_span + ramp_len - 1 entries)
+    pytest.param("expire_span", dict(mem_len=100, max_span=6, ramp_len=3), 2, id="expire_span-span"),
     pytest.param("gateloop", dict(), 0, id="gateloop"),
     pytest.param("memformer", dict(num_memory_slots=3), 0, id="memformer"),
 ]
