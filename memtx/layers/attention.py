@@ -60,6 +60,13 @@ class KeyValueCache:
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
+def project_positions(to_r: nn.Linear, pos_emb: Tensor, heads: int) -> Tensor:
+    """(H, K, D) per-head projections ``to_r(pos_emb)`` of position embeddings (K, E), stored
+    head-major: a stream slices a few more distances per token, and for one batch row the
+    attention then uses the slice as it is instead of copying it every token."""
+    return to_r(pos_emb).view(pos_emb.shape[0], heads, -1).transpose(0, 1).contiguous()
+
+
 class RelativeMemoryAttention(nn.Module):
     """Scores ``(q_i + u).k_j + (q_i + v).r_{i-j}`` (Dai et al. 2019), causal over the keys.
 
@@ -104,7 +111,7 @@ class RelativeMemoryAttention(nn.Module):
 
     def project_positions(self, pos_emb: Tensor) -> Tensor:
         """(H, K, D) projections of the sinusoids (K, E) of distances K-1, ..., 0."""
-        return self.to_r(pos_emb).view(-1, self.heads, self.head_dim).transpose(0, 1)
+        return project_positions(self.to_r, pos_emb, self.heads)
 
     def forward(
         self,

@@ -66,7 +66,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, KeyValueCache
+from memtx.layers.attention import KeyValue, KeyValueCache, project_positions
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import GatedResidual
 from memtx.modeling import MemoryLM
@@ -408,7 +408,7 @@ class CompressiveAttention(nn.Module):
 
     def project_positions(self, pos_emb: Tensor) -> Tensor:
         """(H, K, D) projections of sinusoids (K, E) (``positions="sinusoid"`` only)."""
-        return self.to_r(pos_emb).view(-1, self.heads, self.head_dim).transpose(0, 1)
+        return project_positions(self.to_r, pos_emb, self.heads)
 
     def forward(
         self,

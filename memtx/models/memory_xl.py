@@ -65,7 +65,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError, StateError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, KeyValueCache
+from memtx.layers.attention import KeyValue, KeyValueCache, project_positions
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import NBRC, GatedResidual
 from memtx.modeling import MemoryLM
@@ -290,7 +290,7 @@ class MemoryXLAttention(nn.Module):
 
     def project_positions(self, sinusoids: Tensor) -> Tensor:
         """(H, K, D) projections of the (K, E) sinusoids of distances K-1, ..., 0."""
-        return self.to_r(sinusoids).view(-1, self.heads, self.head_dim).transpose(0, 1)
+        return project_positions(self.to_r, sinusoids, self.heads)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
                 r: Tensor | None, table: Tensor | None, table_index: Tensor | None) -> Tensor:
