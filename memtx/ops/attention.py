@@ -239,9 +239,14 @@ class _RelativeAttention(torch.autograd.Function):
         qc3 = qc.reshape(n, num_queries, dim)
         scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, shape)
         if recompute:
-            # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            weights = scores.sub_(lse).exp_()
+            # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights.
+            # The softmax in place, its log-normaliser on the side: logsumexp would make its own
+            # exponentials (a full-size temporary) before the weights' own pass.
+            row_max = scores.amax(dim=-1, keepdim=True)  # finite: every query sees its own key
+            weights = scores.sub_(row_max).exp_()
+            total = weights.sum(dim=-1, keepdim=True)
+            weights.div_(total)
+            lse = row_max.add_(total.log_())
         else:
             weights = torch.softmax(scores, dim=-1)
         del scores
