@@ -209,16 +209,15 @@ class _RelativeAttention(torch.autograd.Function):
         n = batch * heads
         pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
         if num_queries == 1 and num_pos == num_keys:  # one query: already aligned, ours to use
-            scores = pos
+            scores = pos.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
         else:
+            # content scores written once, then the position scores added through the shift
+            # (keys without positions are never written twice)
+            scores = torch.bmm(qc3 * scale, k3.transpose(1, 2))
             if num_queries > 1:
                 pos = _shifted(pos, num_queries, num_pos)
-            scores = qc3.new_empty(n, num_queries, num_keys)
-            if num_pos < num_keys:
-                scores[..., : num_keys - num_pos].zero_()
-            scores[..., num_keys - num_pos:].copy_(pos)
+            scores[..., num_keys - num_pos:].add_(pos)
         del pos
-        scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
         if blocked is not None:
             # blocked covers the last blocked.shape[-1] keys (the segment's, when only the causal
             # mask applies): the pass over the scores skips the memory columns
