@@ -13,7 +13,6 @@ kernels on CPU and GPU); :func:`memory_attention_ref` is the plain softmax it mu
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -23,17 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-
-def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """A context that turns autocast off on ``device_type``, or does nothing when it is already
-    off (entering ``torch.autocast`` costs several microseconds, which a streamed token pays per
-    layer)."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu"
-                   else torch.is_autocast_enabled())
-    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+from memtx.ops.autocast import no_autocast
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device | None = None) -> Tensor:
@@ -206,7 +195,6 @@ class _RelativeAttention(torch.autograd.Function):
     def _scores(qc3, qp, k3, r3, blocked, scale, shape):
         """Masked scores (B H, T, K); ``qp`` already scaled."""
         batch, heads, num_queries, num_keys, num_pos = shape
-        n = batch * heads
         pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
         if num_queries == 1 and num_pos == num_keys:  # one query: already aligned, ours to use
             scores = pos.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)

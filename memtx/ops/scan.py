@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from memtx.ops.autocast import no_autocast
 from memtx.ops.scan_ref import (
     Gate,
     complex_dtype,
@@ -152,6 +153,14 @@ def gate_loop_chunked(
     Returns:
         out (B, H, T, Dv) real, final_state (B, H, Dk, Dv) complex.
     """
+    with no_autocast(q.device.type):  # the documented compute dtype, also under autocast
+        return _gate_loop_chunked(q, k, v, a, initial_state, chunk_size, intra)
+
+
+def _gate_loop_chunked(
+    q: Tensor, k: Tensor, v: Tensor, a: Gate, initial_state: Tensor | None,
+    chunk_size: int | None, intra: IntraMode,
+) -> Tuple[Tensor, Tensor]:
     B, H, T, Dk, Dv = validate_inputs(q, k, v, a, initial_state)
     mode = _resolve_intra(intra, Dk, Dv)
     if chunk_size is None:
@@ -360,6 +369,13 @@ def gate_loop_step(
     Returns:
         out (B, H, T, Dv) real, new state (B, H, Dk, Dv) complex.
     """
+    with no_autocast(q.device.type):  # the documented compute dtype, also under autocast
+        return _gate_loop_step(q, k, v, a, state)
+
+
+def _gate_loop_step(
+    q: Tensor, k: Tensor, v: Tensor, a: Gate, state: Tensor | None
+) -> Tuple[Tensor, Tensor]:
     B, H, T, Dk, Dv = validate_inputs(q, k, v, a, state, state_name="state")
     dt = compute_dtype(q, k, v)
     cdt = complex_dtype(dt)

@@ -270,3 +270,20 @@ def test_pairwise_relative_attention_rejects_mismatched_pairs():
     with pytest.raises(ValueError, match=r"must both be \(B, T, K\) = \(1, 4, 6\)"):
         pairwise_relative_attention(qc, qp, k, v, r, distances, bias[:, :-1])
 
+
+
+def test_pairwise_relative_attention_in_bfloat16_and_under_autocast():
+    qc, qp, k, v, r, distances, bias = _pairwise_inputs(2, 4, 6, 9, 13, 4)
+    ref = pairwise_relative_attention_ref(qc, qp, k, v, r, distances, bias)
+    low = pairwise_relative_attention(
+        *(t.detach().bfloat16() for t in (qc, qp, k, v, r)), distances, bias.detach().bfloat16()
+    )
+    assert low.dtype == torch.bfloat16 and rel_rms(low.double(), ref) < 2e-2
+    # autocast hands the op a float32 bias and bfloat16 projections, as a model under autocast does
+    leaves = [t.detach().float().requires_grad_() for t in (qc, qp, k, v, r)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = [t @ torch.eye(t.shape[-1]) for t in leaves]  # bfloat16 under autocast
+        out = pairwise_relative_attention(*projected, distances, bias.detach().float())
+    assert out.dtype == torch.bfloat16 and rel_rms(out.double(), ref) < 2e-2
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)

@@ -372,3 +372,20 @@ def test_check_finite_names_the_culprit() -> None:
     # Off by default: no check, no error.
     out, _ = gate_loop(q2, k2, v2, big, mode="sequential")
     assert not torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("intra", ["matmul", "recurrent"])
+def test_chunked_computes_in_float32_under_autocast(intra: str) -> None:
+    # autocast would run the matmul form's products in bfloat16 (and the complex summary
+    # cannot be built from bfloat16); the op keeps its documented compute dtype instead
+    leaves = _to_dtype(make_leaves(2, 2, 40, 4), torch.float32)
+    form = partial(gate_loop_chunked, chunk_size=16, intra=intra)
+    want = run_with_grads(form, leaves)
+
+    def forward_under_autocast(*args):  # the backward pass runs outside, as in training
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return form(*args)
+
+    got = run_with_grads(forward_under_autocast, leaves)
+    assert got[0].dtype == torch.float32
+    assert_close(got, want, 1e-6, f"chunked-{intra} under autocast")
