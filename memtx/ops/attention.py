@@ -176,6 +176,45 @@ def _shifted(base: Tensor, num_queries: int, num_pos: int) -> Tensor:
                            base.storage_offset() + num_queries - 1)
 
 
+def _flatten_heads(qc, qp, k, v, r, scale):
+    """The inputs of the relative-attention nodes as (B H, ., D) batches for ``bmm``: content
+    queries, position queries times ``scale``, keys, values, and ``r`` (H, P, D) repeated over
+    the batch (small; for one batch row a view)."""
+    batch, heads, num_queries, dim = qc.shape
+    n = batch * heads
+    return (qc.reshape(n, num_queries, dim), (qp * scale).reshape(n, num_queries, dim),
+            k.reshape(n, k.shape[-2], dim), v.reshape(n, v.shape[-2], v.shape[-1]),
+            r.expand(batch, -1, -1, -1).reshape(n, r.shape[-2], dim))
+
+
+def _softmax_attention_backward(grad_out, weights, out, v3):
+    """``(grad_v, grad_scores)`` of ``out = softmax(S) v`` from the weights and the output,
+    all (B H, ., .). The softmax backward is formed in place: dS = W * (dW - sum_j dW_ij W_ij),
+    where the row sum is sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product instead of
+    another (B H, T, K) tensor. Masked entries have weight 0, so their score gradient is 0."""
+    grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
+    delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
+    grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
+    return grad_v, grad_scores
+
+
+def _position_backward(grad_pos, qp3, r3, scale, batch, need_r):
+    """``(grad_qp, grad_r)`` of position scores ``qp3 r3^T`` (``qp3`` already scaled) from their
+    gradient ``grad_pos`` (B H, T, P); ``grad_r`` (H, P, D) sums over the batch without a
+    permuted copy, or is None unless ``need_r``."""
+    n, num_queries, dim = qp3.shape
+    heads = n // batch
+    grad_qp = torch.bmm(grad_pos, r3).mul_(scale).view(batch, heads, num_queries, dim)
+    if not need_r:
+        return grad_qp, None
+    grad_pos = grad_pos.view(batch, heads, num_queries, -1)
+    qp4 = qp3.view(batch, heads, num_queries, dim)
+    grad_r = torch.bmm(grad_pos[0].transpose(1, 2), qp4[0])
+    for b in range(1, batch):
+        grad_r.baddbmm_(grad_pos[b].transpose(1, 2), qp4[b])
+    return grad_qp, grad_r
+
+
 class _RelativeAttention(torch.autograd.Function):
     """Forward and backward of :func:`relative_memory_attention` written out, so that the
     (B, H, T, K) tensors are made once each: the scores (position scores read through the
@@ -215,15 +254,9 @@ class _RelativeAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
-        batch, heads, num_queries, dim = qc.shape
-        num_keys, num_pos = k.shape[-2], r.shape[-2]
-        n = batch * heads
-        shape = (batch, heads, num_queries, num_keys, num_pos)
-        qp = (qp * scale).reshape(n, num_queries, dim)
-        r3 = r.expand(batch, -1, -1, -1).reshape(n, num_pos, dim)  # small: (B H, P, D)
-        k3 = k.reshape(n, num_keys, dim)
-        v3 = v.reshape(n, num_keys, v.shape[-1])
-        qc3 = qc.reshape(n, num_queries, dim)
+        batch, heads, num_queries, _ = qc.shape
+        shape = (batch, heads, num_queries, k.shape[-2], r.shape[-2])
+        qc3, qp, k3, v3, r3 = _flatten_heads(qc, qp, k, v, r, scale)
         scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, shape)
         if recompute:
             # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights.
@@ -260,12 +293,7 @@ class _RelativeAttention(torch.autograd.Function):
             weights, qc3, qp, k3, v3, r3, out = ctx.saved_tensors
         n = batch * heads
         grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
-        grad_v = torch.bmm(weights.transpose(1, 2), grad_out).view(v3.shape)
-        # softmax backward in place: dS = W * (dW - sum_j dW_ij W_ij), where the row sum is
-        # sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product instead of another
-        # (B H, T, K) tensor. Masked entries have weight 0, so their score gradient is 0.
-        delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
-        grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
+        grad_v, grad_scores = _softmax_attention_backward(grad_out, weights, out, v3)
         # rebuilt weights are ours to reuse: the position gradient goes into their storage
         spare = weights if ctx.recompute else None
         del weights
@@ -285,15 +313,8 @@ class _RelativeAttention(torch.autograd.Function):
         else:
             grad_pos = grad_pos_keys.contiguous()
         del grad_scores
-        dim = qp.shape[-1]
-        grad_qp = torch.bmm(grad_pos, r3).mul_(scale).view(batch, heads, num_queries, dim)
-        grad_r = None
-        if ctx.needs_input_grad[4]:
-            grad_pos = grad_pos.view(batch, heads, num_queries, num_pos)
-            qp = qp.view(batch, heads, num_queries, dim)
-            grad_r = torch.bmm(grad_pos[0].transpose(1, 2), qp[0])
-            for b in range(1, batch):  # sum over the batch without a permuted copy
-                grad_r.baddbmm_(grad_pos[b].transpose(1, 2), qp[b])
+        grad_qp, grad_r = _position_backward(grad_pos, qp, r3, scale, batch,
+                                             ctx.needs_input_grad[4])
         return (grad_qc.view(batch, heads, num_queries, -1), grad_qp, grad_k.view(batch, heads, num_keys, -1),
                 grad_v.view(batch, heads, num_keys, -1), grad_r, None, None, None)
 
@@ -416,14 +437,10 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qc, qp, k, v, r, distances, bias, scale):
         with no_autocast(qc.device.type):
-            batch, heads, num_queries, dim = qc.shape
+            batch, heads, num_queries, _ = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
             n = batch * heads
-            qp3 = (qp * scale).reshape(n, num_queries, dim)
-            r3 = r.expand(batch, -1, -1, -1).reshape(n, num_dist, dim)  # small: (B H, N, D)
-            k3 = k.reshape(n, num_keys, dim)
-            v3 = v.reshape(n, num_keys, v.shape[-1])
-            qc3 = qc.reshape(n, num_queries, dim)
+            qc3, qp3, k3, v3, r3 = _flatten_heads(qc, qp, k, v, r, scale)
             table = torch.bmm(qp3, r3.transpose(1, 2)).view(batch, heads, num_queries, num_dist)
             index = distances[:, None].expand(-1, heads, -1, -1)  # (B, H, T, K), no copy
             scores = torch.gather(table, -1, index)
@@ -446,11 +463,8 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
         scale = ctx.scale
         n = batch * heads
         grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
-        grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
-        # dS = W * (dW - sum_j dW_ij W_ij) with sum_j dW_ij W_ij = dO_i . O_i (see
-        # _RelativeAttention); pairs with bias -inf have weight 0 and get score gradient 0
-        delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
-        grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
+        # pairs with bias -inf have weight 0 and get score gradient 0
+        grad_v, grad_scores = _softmax_attention_backward(grad_out, weights, out, v3)
         del weights
         grad_bias = None
         if ctx.needs_input_grad[6]:
@@ -462,16 +476,8 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             -1, index, grad_scores.view(batch, heads, num_queries, num_keys)
         )
         del grad_scores
-        grad_table = grad_table.view(n, num_queries, num_dist)
-        dim = qp3.shape[-1]
-        grad_qp = torch.bmm(grad_table, r3).mul_(scale).view(batch, heads, num_queries, dim)
-        grad_r = None
-        if ctx.needs_input_grad[4]:
-            grad_table = grad_table.view(batch, heads, num_queries, num_dist)
-            qp4 = qp3.view(batch, heads, num_queries, dim)
-            grad_r = torch.bmm(grad_table[0].transpose(1, 2), qp4[0])
-            for b in range(1, batch):  # sum over the batch without a permuted copy
-                grad_r.baddbmm_(grad_table[b].transpose(1, 2), qp4[b])
+        grad_qp, grad_r = _position_backward(grad_table.view(n, num_queries, num_dist), qp3, r3,
+                                             scale, batch, ctx.needs_input_grad[4])
         return (grad_qc.view(batch, heads, num_queries, -1), grad_qp,
                 grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
                 grad_r, None, grad_bias, None)
