@@ -16,9 +16,8 @@ loss, saving and streaming generation are written once here.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -60,6 +60,17 @@ class KeyValueCache:
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
 
+def with_prefix(prefix: KeyValue | KeyValueCache | None, k: Tensor, v: Tensor) -> KeyValue:
+    """Keys and values (B, H, P + N, D) of ``[prefix; new]`` for new ones (B, H, N, D): the
+    new ones alone without a prefix, a concatenation with a (k, v) pair, or appended in place
+    to a :class:`KeyValueCache` (streaming)."""
+    if isinstance(prefix, KeyValueCache):
+        return prefix.extend(k, v)
+    if prefix is None or prefix[0].shape[-2] == 0:
+        return k, v
+    return torch.cat((prefix[0], k), dim=-2), torch.cat((prefix[1], v), dim=-2)
+
+
 def project_positions(to_r: nn.Linear, pos_emb: Tensor, heads: int) -> Tensor:
     """(H, K, D) per-head projections ``to_r(pos_emb)`` of position embeddings (K, E), stored
     head-major: a stream slices a few more distances per token, and for one batch row the
@@ -138,13 +149,7 @@ class RelativeMemoryAttention(nn.Module):
         """
         q = self._split_heads(self.to_q(x))  # (B, H, T, D)
         k_new, v_new = self.project_kv(x)
-        if isinstance(kv_prefix, KeyValueCache):
-            k, v = kv_prefix.extend(k_new, v_new)
-        elif kv_prefix is not None and kv_prefix[0].shape[-2] > 0:
-            k = torch.cat((kv_prefix[0], k_new), dim=-2)
-            v = torch.cat((kv_prefix[1], v_new), dim=-2)
-        else:
-            k, v = k_new, v_new
+        k, v = with_prefix(kv_prefix, k_new, v_new)
         out = relative_memory_attention(
             q + self.content_bias[:, None, :],
             q + self.position_bias[:, None, :],

@@ -66,7 +66,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, KeyValueCache, project_positions
+from memtx.layers.attention import KeyValue, KeyValueCache, project_positions, with_prefix
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import GatedResidual
 from memtx.modeling import MemoryLM
@@ -429,13 +429,7 @@ class CompressiveAttention(nn.Module):
         """
         q = self._split_heads(self.to_q(h))  # (B, H, T, D)
         k_new, v_new = self.project_kv(h)
-        if isinstance(kv_prefix, KeyValueCache):
-            k, v = kv_prefix.extend(k_new, v_new)
-        elif kv_prefix is not None:
-            k = torch.cat((kv_prefix[0], k_new), dim=-2)
-            v = torch.cat((kv_prefix[1], v_new), dim=-2)
-        else:
-            k, v = k_new, v_new
+        k, v = with_prefix(kv_prefix, k_new, v_new)
         if self.sinusoid:
             q_content = q + self.content_bias[:, None, :]
             q_position = q + self.position_bias[:, None, :]

@@ -73,7 +73,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import StateError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, KeyValueCache
+from memtx.layers.attention import KeyValue, KeyValueCache, with_prefix
 from memtx.layers.blocks import RelativeMemoryBlock
 from memtx.modeling import MemoryLM
 from memtx.ops.attention import causal_blocked, pairwise_relative_attention
@@ -266,13 +266,11 @@ class SegmentCache:
         spans: (B, seq_len) spans of the segment's positions (the first ``length`` are set).
         reach: (B, M + seq_len) :func:`expire_reach` of every key the segment can have,
             written for each position as it is fed.
-        length: positions of the segment fed so far.
     """
 
     kv: KeyValueCache
     spans: Tensor
     reach: Tensor
-    length: int = 0
 
 
 @register("expire_span")
@@ -412,7 +410,8 @@ class ExpireSpan(MemoryLM):
         block = self.blocks[layer]
         attn = block.attn
         batch, length, _ = x.shape
-        offset = 0 if cache is None else cache.length
+        # positions of the segment fed before x: the cached keys beyond the memory
+        offset = 0 if cache is None else cache.kv.length - memory.age.shape[1]
 
         h = block.attn_norm(x)
         new_spans = self.spans(layer, h)  # (B, T)
@@ -423,7 +422,7 @@ class ExpireSpan(MemoryLM):
         base, key_valid = memory.base[:, :num_keys], memory.key_valid[:, :num_keys]  # (B, K)
         span_loss = None
         if cache is not None:  # streaming: only the new positions' terms are computed
-            k, v = cache.kv.extend(k_new, v_new)
+            k, v = with_prefix(cache.kv, k_new, v_new)
             cache.spans[:, offset : offset + length] = new_spans
             # expire_reach of segment positions j (base -j, always valid): (e + R + j) / R
             positions = offset if length == 1 else torch.arange(
@@ -431,13 +430,9 @@ class ExpireSpan(MemoryLM):
             )
             torch.div(new_spans + (positions + cfg.ramp_len), cfg.ramp_len,
                       out=cache.reach[:, num_keys - length : num_keys])
-            cache.length += length
             reach = cache.reach[:, :num_keys]
         else:
-            k, v = k_new, v_new
-            if memory.kv is not None:
-                k = torch.cat((memory.kv[0], k_new), dim=-2)
-                v = torch.cat((memory.kv[1], v_new), dim=-2)
+            k, v = with_prefix(memory.kv, k_new, v_new)
             all_spans = torch.cat((memory.spans, new_spans), dim=-1)  # (B, K)
             if with_loss:
                 counts = ramp_counts(all_spans, base, key_valid, offset, length, cfg.ramp_len)

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from memtx.config import ModelConfig
 from memtx.errors import InputError
 from memtx.generation import Stream, _check_sampling, sample_next
-from memtx.layers.attention import KeyValue, KeyValueCache
+from memtx.layers.attention import KeyValue, KeyValueCache, with_prefix
 from memtx.layers.feedforward import FeedForward
 from memtx.modeling import IGNORE_INDEX, MemoryLM, lm_loss
 from memtx.reference import register_converter
@@ -352,12 +352,7 @@ class MemformerLayer(nn.Module):
         positions (streaming; a :class:`KeyValueCache` is extended in place); returns the output
         and this call's own self-attention keys and values."""
         q, (k, v) = self.self_attn.project_qkv(self.self_norm(x))
-        if isinstance(self_prefix, KeyValueCache):
-            kv = self_prefix.extend(k, v)
-        elif self_prefix is not None:
-            kv = (torch.cat((self_prefix[0], k), dim=2), torch.cat((self_prefix[1], v), dim=2))
-        else:
-            kv = (k, v)
+        kv = with_prefix(self_prefix, k, v)
         x = x + self.self_attn.attend(q, kv, self_mask, x.shape)
         x = x + self.cross_attn(self.cross_norm(x), cross_kv, cross_mask)
         x = x + self.ff(self.ff_norm(x))

@@ -65,7 +65,7 @@ from memtx.config import ModelConfig
 from memtx.layers.init import init_gpt2_weights, scale_residual_projections
 from memtx.errors import InputError, StateError
 from memtx.generation import Stream
-from memtx.layers.attention import KeyValue, KeyValueCache, project_positions
+from memtx.layers.attention import KeyValue, KeyValueCache, project_positions, with_prefix
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import NBRC, GatedResidual
 from memtx.modeling import MemoryLM
@@ -336,13 +336,7 @@ class MemoryXLAttention(nn.Module):
         """
         q = self._split(self.to_q(x), self.heads)  # (B, H, T, D)
         k_new, v_new = self.project_kv(x)
-        if isinstance(kv_prefix, KeyValueCache):
-            k, v = kv_prefix.extend(k_new, v_new)
-        elif kv_prefix[0].shape[-2] > 0:
-            k = torch.cat((kv_prefix[0], k_new), dim=-2)
-            v = torch.cat((kv_prefix[1], v_new), dim=-2)
-        else:
-            k, v = k_new, v_new
+        k, v = with_prefix(kv_prefix, k_new, v_new)
         if self.checkpoint and torch.is_grad_enabled() and not self.sinusoid_positions:
             # the (B, H, T, K) scores and weights are most of a step's activations: recompute
             # them in the backward pass instead of keeping them (the relative-position op does
