@@ -90,7 +90,8 @@ class GateLoopConfig(ModelConfig):
             3,024 -> 1,688 MiB, steps 1.14x slower at seq_len 1024).
         checkpoint_blocks: recompute every whole block (mixer and feed-forward) in the backward
             pass, keeping only each block's input: the least training memory, for one more
-            forward pass per step. Subsumes ``gradient_checkpointing``.
+            forward pass per step. Subsumes ``gradient_checkpointing`` (a recurrence
+            recomputed again inside a recomputed block saved nothing more when measured).
         chunk_size: chunk length of the chunkwise-parallel recurrence (``None``: chosen from the
             head size by measurement, see ``memtx.ops.scan.default_chunk_size``).
     """
@@ -261,7 +262,8 @@ class GateLoopedAttention(nn.Module):
             gate = (log_mag.transpose(1, 2), phase.transpose(1, 2))  # (B, H, T) each
         if n <= 2 and not torch.is_grad_enabled():
             out, state = gate_loop_step(q, k, v, gate, state)
-        elif self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+        elif (self.cfg.gradient_checkpointing and not self.cfg.checkpoint_blocks
+              and torch.is_grad_enabled()):  # inside a recomputed block it would save nothing
             out, state = checkpoint(
                 gate_loop_chunked, q, k, v, gate, state, self.cfg.chunk_size, use_reentrant=False
             )

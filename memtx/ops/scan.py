@@ -285,8 +285,7 @@ def _scan_states(gate: Tensor, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor
     entering the first chunk. Returns the states (B, H, N, C, Dk, Dv) (time-major storage) and
     the last one. Two passes over the C positions of all chunks at once: the chunk summaries
     from zero states, then, after the short loop over chunks, each chunk again from its true
-    entering state. Products of |a| <= 1 only shrink, so this
-    needs no log space.
+    entering state. Products of |a| <= 1 only shrink, so this needs no log space.
     """
     # C x (B, H, N, Dk, Dv), each step one contiguous slab (a copy: the passes write into it)
     steps = u.movedim(3, 0).clone(memory_format=torch.contiguous_format)

@@ -108,6 +108,8 @@ def test_frac_gradient_scales_only_the_transition_gradient():
     pytest.param(dict(gradient_checkpointing=True), 0.97, id="recurrence"),
     pytest.param(dict(gradient_checkpointing=True, heads=4), 0.8, id="recurrence-4x4-state"),
     pytest.param(dict(checkpoint_blocks=True), 0.2, id="blocks"),
+    pytest.param(dict(checkpoint_blocks=True, gradient_checkpointing=True, heads=4), 0.2,
+                 id="blocks-with-recurrence"),
     pytest.param(dict(checkpoint_blocks=True, use_gate_looped_attn=False), 0.2,
                  id="blocks-full-attention"),
 ])
