@@ -38,6 +38,7 @@ V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,12 @@ from memtx.layers.feedforward import FeedForward
 from memtx.layers.norms import RMSNorm
 from memtx.modeling import MemoryLM
 from memtx.ops.position import rotary
-from memtx.ops.scan import gate_loop_chunked, gate_loop_step, uses_recurrent_form
+from memtx.ops.scan import (
+    gate_loop_channels,
+    gate_loop_chunked,
+    gate_loop_step,
+    uses_recurrent_form,
+)
 from memtx.reference import register_converter
 from memtx.registry import register
 from memtx.state import State, memory_field
@@ -236,6 +242,7 @@ class GateLoopedAttention(nn.Module):
         self.cfg = cfg
         dim, inner, heads = cfg.dim, cfg.resolved_dim_inner, cfg.resolved_heads
         self.heads = heads
+        self.one_channel = heads == inner
         self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
         self.to_a = nn.Linear(dim, heads * 2)
         self.sub_ln = nn.LayerNorm(inner) if cfg.sub_ln else nn.Identity()
@@ -248,11 +255,23 @@ class GateLoopedAttention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, T, D)
 
+    def _recur(self, fn: Callable[..., tuple[Tensor, Tensor]], *args: object) -> tuple[Tensor, Tensor]:
+        """Run a recurrence form, recomputed in backward with ``gradient_checkpointing``."""
+        if (self.cfg.gradient_checkpointing and not self.cfg.checkpoint_blocks
+                and torch.is_grad_enabled()):  # inside a recomputed block it would save nothing
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, E) and state (B, H, Dk, Dv) -> (B, T, E) and the next state."""
         b, n, _ = x.shape
-        q, k, v = (self._split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))
         z = self.to_a(x).view(b, n, self.heads, 2)
+        if self.one_channel:  # scalar states: the (B, T, H) layout as it is, no head split
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+            out, state = self._recur(gate_loop_channels, q, k, v, complex_gate(z, self.cfg),
+                                     state[..., 0, 0])
+            return self._output(x, out), state[..., None, None]
+        q, k, v = (self._split_heads(t) for t in self.to_qkv(x).chunk(3, dim=-1))
         gate: Tensor | tuple[Tensor, Tensor]
         if uses_recurrent_form(q.shape[-1], v.shape[-1]):
             # tiny states step the recurrence with complex gates directly
@@ -262,17 +281,16 @@ class GateLoopedAttention(nn.Module):
             gate = (log_mag.transpose(1, 2), phase.transpose(1, 2))  # (B, H, T) each
         if n <= 2 and not torch.is_grad_enabled():
             out, state = gate_loop_step(q, k, v, gate, state)
-        elif (self.cfg.gradient_checkpointing and not self.cfg.checkpoint_blocks
-              and torch.is_grad_enabled()):  # inside a recomputed block it would save nothing
-            out, state = checkpoint(
-                gate_loop_chunked, q, k, v, gate, state, self.cfg.chunk_size, use_reentrant=False
-            )
         else:
-            out, state = gate_loop_chunked(q, k, v, gate, state, self.cfg.chunk_size)
-        out = self.sub_ln(out.transpose(1, 2).reshape(b, n, -1))
+            out, state = self._recur(gate_loop_chunked, q, k, v, gate, state, self.cfg.chunk_size)
+        return self._output(x, out.transpose(1, 2).reshape(b, n, -1)), state
+
+    def _output(self, x: Tensor, out: Tensor) -> Tensor:
+        """The recurrence's (B, T, dim_inner) output, normed, gated and projected."""
+        out = self.sub_ln(out)
         if self.to_gates is not None:
             out = F.silu(self.to_gates(x)) * out
-        return self.to_out(out), state
+        return self.to_out(out)
 
 
 def cumulative_decay(log_mag: Tensor, phase: Tensor) -> Tensor:

@@ -11,6 +11,9 @@ Forms:
   masked (C x C) matrix and the work is real matmuls (or, for tiny heads, the recurrence stepped
   over chunk positions for all chunks at once); the complex state is carried from chunk to
   chunk by a short loop.
+* ``gate_loop_channels``: one channel per head (Dk = Dv = 1, GateLoop's default), in the
+  model's (B, T, H) layout: the scalar recurrence stepped over chunks, forward and backward each
+  one chunked scan in a single autograd node.
 * ``gate_loop_step``: recurrent, constant cost per token, for generation.
 * ``gate_loop``: dispatcher over these and the references in ``memtx.ops.scan_ref``, with an
   optional finiteness-checking mode.
@@ -46,6 +49,7 @@ from torch import Tensor
 from memtx.ops.autocast import no_autocast
 from memtx.ops.scan_ref import (
     Gate,
+    _shape,
     complex_dtype,
     compute_dtype,
     gate_complex,
@@ -58,10 +62,11 @@ from memtx.ops.scan_ref import (
 )
 
 __all__ = [
-    "Gate",
     "DEFAULT_CHUNK_SIZE",
+    "Gate",
     "default_chunk_size",
     "gate_loop",
+    "gate_loop_channels",
     "gate_loop_chunked",
     "gate_loop_step",
     "uses_recurrent_form",
@@ -203,19 +208,51 @@ def _gate_loop_chunked(
     return out.to(output_dtype(q, k, v)), final_state
 
 
-def _carry_state(chunk_decay: Tensor, summary: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-    """Run S_n = A_n S_{n-1} + U_n over chunks.
+def _carry_state(
+    chunk_decay: Tensor, summary: Tensor, state: Tensor, dim: int = 2, reverse: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """Run S_n = A_n S_{n-1} + U_n over the chunks along ``dim`` (from the last chunk to the
+    first when ``reverse``).
 
-    chunk_decay (B, H, N, 1, 1) and summary (B, H, N, Dk, Dv) complex; state (B, H, Dk, Dv).
-    Returns the states entering each chunk (B, H, N, Dk, Dv) and the final state.
+    chunk_decay and summary hold A_n and U_n (chunk_decay broadcasting against summary), state
+    is the state entering the first chunk run. Returns the states entering each chunk (stacked
+    along ``dim``) and the final state.
     """
     # unbind, not indexing: each indexed slice's backward would materialise a full-size zero
     # gradient, making the backward quadratic in N.
+    steps = list(zip(chunk_decay.unbind(dim), summary.unbind(dim)))
     starts = []
-    for decay_n, summary_n in zip(chunk_decay.unbind(2), summary.unbind(2)):
+    for decay_n, summary_n in reversed(steps) if reverse else steps:
         starts.append(state)
         state = decay_n * state + summary_n
-    return torch.stack(starts, dim=2), state
+    if reverse:
+        starts.reverse()
+    return torch.stack(starts, dim=dim), state
+
+
+def _scan_chunks_(
+    gate: Tensor, h: Tensor, state: Tensor, time_dim: int, chunk_dim: int, reverse: bool = False
+) -> Tensor:
+    """``h_t = a_t h_{t-1} + u_t`` in place, chunk by chunk (no autograd); returns the last state.
+
+    ``h`` (complex) holds the inputs ``u`` and receives the states. Within a chunk time runs
+    along ``time_dim`` (C steps); the chunks lie along ``chunk_dim`` of each time step's slice.
+    ``gate`` broadcasts against ``h``; ``state`` enters the first chunk. Two passes over the C
+    positions of all chunks at once: the chunk summaries from zero states, then, after the
+    short loop over chunks, each chunk again from its true entering state. With ``reverse``
+    time runs backwards (``h_t = a_t h_{t+1} + u_t``, ``state`` entering the last position).
+    Products of |a| <= 1 only shrink, so this needs no log space.
+    """
+    a_steps, u_steps = gate.unbind(time_dim), h.unbind(time_dim)
+    order = range(len(u_steps) - 1, -1, -1) if reverse else range(len(u_steps))
+    summary = u_steps[order[0]].clone()
+    for c in order[1:]:
+        summary.mul_(a_steps[c]).add_(u_steps[c])
+    chunk_decay = torch.prod(gate, dim=time_dim)
+    s, final_state = _carry_state(chunk_decay, summary, state, chunk_dim, reverse)
+    for c in order:
+        s = u_steps[c].addcmul_(a_steps[c], s)
+    return final_state
 
 
 def _wrap_phase(theta: Tensor) -> Tensor:
@@ -283,21 +320,11 @@ def _scan_states(gate: Tensor, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor
 
     gate (B, H, N, C) complex, u (B, H, N, C, Dk, Dv) complex, state (B, H, Dk, Dv) complex
     entering the first chunk. Returns the states (B, H, N, C, Dk, Dv) (time-major storage) and
-    the last one. Two passes over the C positions of all chunks at once: the chunk summaries
-    from zero states, then, after the short loop over chunks, each chunk again from its true
-    entering state. Products of |a| <= 1 only shrink, so this needs no log space.
+    the last one (see :func:`_scan_chunks_`).
     """
     # C x (B, H, N, Dk, Dv), each step one contiguous slab (a copy: the passes write into it)
     steps = u.movedim(3, 0).clone(memory_format=torch.contiguous_format)
-    a_steps = gate.movedim(3, 0)[..., None, None]  # C x (B, H, N, 1, 1)
-    summary = steps[0].clone()
-    for a_i, u_i in zip(a_steps[1:], steps[1:]):
-        summary.mul_(a_i).add_(u_i)
-    chunk_decay = torch.prod(gate, dim=-1)[..., None, None]  # (B, H, N, 1, 1)
-    starts, final_state = _carry_state(chunk_decay, summary, state)
-    s = starts
-    for a_i, u_i in zip(a_steps, steps):
-        s = u_i.addcmul_(a_i, s)
+    final_state = _scan_chunks_(gate.movedim(3, 0)[..., None, None], steps, state, 0, 2)
     return steps.movedim(0, 3), final_state
 
 
@@ -346,6 +373,115 @@ def _chunked_recurrent(
     states, final_state = _RecurrentScan.apply(gate, u, state)
     out = (q[..., :, None] * states.real).sum(-2)  # (B, H, N, C, Dv)
     return out, final_state
+
+
+# ---------------------------------------------------------------------------------------------
+# One channel per head
+# ---------------------------------------------------------------------------------------------
+
+# Chunk length of gate_loop_channels: C + N sequential steps per pass, each over (B, N, H).
+_CHANNEL_CHUNK = 64
+
+
+def _validate_channels(q: Tensor, k: Tensor, v: Tensor, a: Gate, state: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            got = f"shape {_shape(t)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a real (B, T, H) tensor, got {got}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {_shape(q)}, got {_shape(t)}")
+    parts = (a,) if isinstance(a, Tensor) else tuple(a) if isinstance(a, (tuple, list)) else ()
+    if not parts or len(parts) > 2 or any(not isinstance(t, Tensor) or t.shape != q.shape
+                                          for t in parts):
+        raise ValueError(
+            f"gate a must be a complex tensor of q's shape (B, T, H) = {_shape(q)} or a pair "
+            "(log_magnitude, phase) of real tensors of that shape"
+        )
+    if len(parts) == 1 and not a.is_complex():
+        raise ValueError(f"gate a must be complex, got dtype {a.dtype}")
+    B, _, H = q.shape
+    if state is not None and tuple(state.shape) != (B, H):
+        raise ValueError(
+            f"initial_state must have shape (B, H) = ({B}, {H}), got {_shape(state)}"
+        )
+
+
+class _ChannelScan(torch.autograd.Function):
+    """GateLoop with scalar states: ``h_t = a_t h_{t-1} + k_t v_t``, ``out_t = q_t Re(h_t)`` on
+    (B, T, H), as one node. Forward and backward are each one chunked scan
+    (:func:`_scan_chunks_`) in the (B, T, H) layout, the backward one running backwards in time
+    with the conjugate gates (``g_t = dh_t + conj(a_{t+1}) g_{t+1}``). Saves q, k, v, the
+    gates, the entering state and the states."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, state: Tensor):
+        B, T, H = q.shape
+        C = min(_CHANNEL_CHUNK, T)
+        N = -(-T // C)
+        h = q.new_zeros(B, N * C, H, dtype=gate.dtype)
+        torch.mul(k, v, out=h.real[:, :T])
+        if N * C > T:  # a = 1, u = 0 on the padding: the state passes through unchanged
+            gate = torch.cat((gate, gate.new_ones(B, N * C - T, H)), dim=1)
+        final_state = _scan_chunks_(gate.view(B, N, C, H), h.view(B, N, C, H), state, 2, 1)
+        ctx.save_for_backward(q, k, v, gate, state, h)
+        return q * h.real[:, :T], final_state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor | None, grad_final: Tensor | None):
+        q, k, v, gate, state, h = ctx.saved_tensors
+        B, T, H = q.shape
+        P = h.shape[1]
+        C = min(_CHANNEL_CHUNK, T)
+        states = h[:, :T]
+        g = torch.zeros_like(h)  # dL/dh_t over all paths, built in place by the reverse scan
+        grad_q = torch.zeros_like(q) if grad_out is None else grad_out * states.real
+        if grad_out is not None:
+            torch.mul(grad_out, q, out=g.real[:, :T])
+        # reverse time: g_t = conj(a_{t+1}) g_{t+1} + dh_t, with g_P entering through a 1
+        b = torch.empty_like(gate)
+        b[:, :-1] = gate[:, 1:].conj()
+        b[:, -1] = 1.0
+        enter = torch.zeros_like(state) if grad_final is None else grad_final
+        _scan_chunks_(b.view(B, P // C, C, H), g.view(B, P // C, C, H), enter, 2, 1, reverse=True)
+        g = g[:, :T]
+        grad_u = g.real
+        grad_gate = torch.empty_like(g)
+        torch.mul(g[:, 1:], states[:, :-1].conj(), out=grad_gate[:, 1:])
+        torch.mul(g[:, 0], state.conj(), out=grad_gate[:, 0])
+        grad_state = gate[:, 0].conj() * g[:, 0]
+        return grad_q, grad_u * v, grad_u * k, grad_gate, grad_state
+
+
+def gate_loop_channels(
+    q: Tensor, k: Tensor, v: Tensor, a: Gate, initial_state: Tensor | None = None
+) -> Tuple[Tensor, Tensor]:
+    """GateLoop with one channel per head (Dk = Dv = 1, GateLoop's default), in the model's
+    (batch, time, channel) layout: one autograd node, no transposes.
+
+    Equal to :func:`gate_loop_chunked` on ``q.transpose(1, 2)[..., None]`` (and likewise k, v,
+    a) with ``initial_state[..., None, None]``; the scalar state per channel is stepped over
+    chunks of 64 positions for all chunks at once (:func:`_scan_chunks_`).
+
+    Args:
+        q, k, v: (B, T, H) real.
+        a: (B, T, H) complex with 0 < |a| <= 1, or a pair (log_magnitude, phase) of (B, T, H)
+            real tensors.
+        initial_state: (B, H) complex, or None for zeros.
+
+    Returns:
+        out (B, T, H) real, final_state (B, H) complex.
+    """
+    _validate_channels(q, k, v, a, initial_state)
+    with no_autocast(q.device.type):  # the documented compute dtype, also under autocast
+        dt = compute_dtype(q, k, v)
+        B, T, H = q.shape
+        state = (torch.zeros(B, H, dtype=complex_dtype(dt), device=q.device) if initial_state is None
+                 else initial_state.to(complex_dtype(dt)))
+        if T == 0:
+            return q.new_zeros(B, 0, H, dtype=output_dtype(q, k, v)), state
+        out, final_state = _ChannelScan.apply(q.to(dt), k.to(dt), v.to(dt), gate_complex(a, dt), state)
+        return out.to(output_dtype(q, k, v)), final_state
 
 
 # ---------------------------------------------------------------------------------------------

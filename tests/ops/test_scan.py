@@ -19,8 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memtx.ops.scan import gate_loop, gate_loop_chunked, gate_loop_step
+from memtx.ops.scan import (
+    gate_loop,
+    gate_loop_channels,
+    gate_loop_chunked,
+    gate_loop_step,
+)
 from memtx.ops.scan_ref import gate_loop_associative_scan_ref, gate_loop_sequential_ref
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
@@ -197,6 +203,68 @@ def test_long_sequence_4096(intra: str) -> None:
     want = run_with_grads(gate_loop_associative_scan_ref, leaves)
     got = run_with_grads(partial(gate_loop_chunked, chunk_size=64, intra=intra), leaves)
     assert_close(got, want, F64_TOL, f"chunked-{intra} T=4096")
+
+
+def channels(q, k, v, a, state):
+    """gate_loop_channels in the (B, H, T, 1) layout of the other forms (Dk = Dv = 1)."""
+    def to_bth(t: Tensor) -> Tensor:
+        return t.transpose(1, 2) if t.dim() == 3 else t[..., 0].transpose(1, 2)
+
+    gate = to_bth(a) if isinstance(a, Tensor) else tuple(to_bth(p) for p in a)
+    out, final = gate_loop_channels(to_bth(q), to_bth(k), to_bth(v), gate, state[..., 0, 0])
+    return out.transpose(1, 2)[..., None], final[..., None, None]
+
+
+@pytest.mark.parametrize("T", [1, 37, 64, 130])
+@pytest.mark.parametrize("as_pair", [False, True])
+def test_channels_match_sequential_f64(T: int, as_pair: bool) -> None:
+    leaves = make_leaves(2, 3, T, 1, seed=T)
+    want = run_with_grads(gate_loop_sequential_ref, leaves, as_pair=as_pair)
+    assert_close(run_with_grads(channels, leaves, as_pair=as_pair), want, F64_TOL, f"channels T={T}")
+
+
+def test_channels_long_sequence_and_float32() -> None:
+    T = 4096
+    g = torch.Generator().manual_seed(3)
+    mag_logit = 6.0 + 4.0 * torch.rand(2, 3, T, generator=g, dtype=torch.float64)
+    leaves = make_leaves(2, 3, T, 1, mag_logit=mag_logit)
+    want = run_with_grads(gate_loop_associative_scan_ref, leaves)
+    assert_close(run_with_grads(channels, leaves), want, F64_TOL, "channels T=4096")
+    got32 = run_with_grads(channels, _to_dtype(leaves, torch.float32), as_pair=True)
+    assert got32[0].dtype == torch.float32 and got32[1].dtype == torch.complex64
+    got32 = (got32[0].double(), got32[1].to(torch.complex128),
+             {n: t.double() for n, t in got32[2].items()})
+    assert_close(got32, want, F32_TOL, "channels T=4096 f32 vs f64")
+
+
+def test_channels_gradient_of_final_state_alone() -> None:
+    # only the state is used downstream (the output unused): the node gets no output gradient
+    leaves = make_leaves(2, 3, 70, 1)
+    params = list(leaves.named().values())
+
+    def grads(form: Form) -> list[Tensor]:
+        final = form(leaves.q, leaves.k, leaves.v, leaves.gate(), leaves.state())[1]
+        got = torch.autograd.grad(final.abs().sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(got, params)]
+
+    for name, g, w in zip(leaves.named(), grads(channels), grads(gate_loop_sequential_ref)):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-12), name
+    assert grads(channels)[0].abs().max() == 0  # q reaches only the output
+
+
+def test_channels_errors_are_clear() -> None:
+    q = torch.randn(2, 5, 3)
+    a = torch.polar(torch.full((2, 5, 3), 0.9), torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match=r"k must have the shape of q \(2, 5, 3\), got \(2, 5, 4\)"):
+        gate_loop_channels(q, torch.randn(2, 5, 4), q, a)
+    with pytest.raises(ValueError, match=r"q must be a real \(B, T, H\) tensor"):
+        gate_loop_channels(q[..., None], q, q, a)
+    with pytest.raises(ValueError, match=r"gate a must be complex"):
+        gate_loop_channels(q, q, q, a.real)
+    with pytest.raises(ValueError, match=r"gate a must be a complex tensor of q's shape"):
+        gate_loop_channels(q, q, q, a[:, :4])
+    with pytest.raises(ValueError, match=r"initial_state must have shape \(B, H\) = \(2, 3\)"):
+        gate_loop_channels(q, q, q, a, torch.zeros(2, 3, 1, 1, dtype=torch.complex64))
 
 
 def _to_dtype(leaves: Leaves, dtype: torch.dtype) -> Leaves:
