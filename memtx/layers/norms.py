@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 import torch
 from torch import Tensor, nn
+
+from memtx.ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (Zhang & Sennrich 2019), written as
     ``x / ||x|| * sqrt(dim) * gain`` (the GateLoop reference's form; equal to
-    ``x / rms(x) * gain`` up to the epsilon that guards a zero vector)."""
+    ``x / rms(x) * gain`` up to the epsilon that guards a zero vector), one autograd node
+    (:func:`memtx.ops.norm.rms_norm`)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -18,4 +20,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) * self.scale * self.weight
+        return rms_norm(x, self.weight, self.scale)

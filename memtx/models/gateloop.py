@@ -181,7 +181,8 @@ def _state_transition(z: Tensor, cfg: GateLoopConfig) -> tuple[Tensor, Tensor]:
 
 class _ComplexGate(torch.autograd.Function):
     """``a = sigmoid(|z|) z / |z|`` (complex, ``a = 1/2`` at ``z = 0``) from ``z`` (..., 2) real
-    pairs, with the gradient reaching ``z`` scaled by ``frac``; saves only ``z``.
+    pairs, with the gradient reaching ``z`` scaled by ``frac``; saves ``a`` (which the
+    recurrence keeps anyway) and ``|z|``.
 
     This is :func:`_state_transition` followed by ``polar(exp(log|a|), angle(a))``, without the
     magnitude, angle, softplus and polar intermediates autograd would keep (each as large as
@@ -190,32 +191,29 @@ class _ComplexGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, frac: float) -> Tensor:
-        ctx.save_for_backward(z)
+        r = torch.hypot(*z.unbind(-1))
+        nonzero = r > 0
+        scale = torch.sigmoid(r).div_(torch.where(nonzero, r, 1.0))  # sigmoid(r) / r
+        a = z * scale[..., None]
+        a[..., 0].masked_fill_(~nonzero, 0.5)  # angle(0) = 0: a = sigmoid(0) = 1/2
+        a = torch.view_as_complex(a)
+        ctx.save_for_backward(a, r)
         ctx.frac = frac
-        zr, zi = z.unbind(-1)
-        r = torch.hypot(zr, zi)
-        s = torch.sigmoid(r)
-        f = torch.where(r > 0, s / r, 0.0)
-        ar = torch.where(r > 0, f * zr, s)  # angle(0) = 0: a = sigmoid(0) = 1/2
-        return torch.complex(ar, f * zi)
+        return a
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (z,) = ctx.saved_tensors
-        zr, zi = z.unbind(-1)
-        gr, gi = grad.real, grad.imag
-        r = torch.hypot(zr, zi)
-        nonzero = r > 0
-        safe_r = torch.where(nonzero, r, 1.0)
-        s = torch.sigmoid(r)
+        a, r = ctx.saved_tensors
         # a = s(r) u with u = z / r: da/dz = s'(r) u u^T + (s / r) t t^T, t = (-u_i, u_r) the
-        # tangent. Split this way nothing cancels, even for tiny |z| in float32.
-        ur, ui = zr / safe_r, zi / safe_r
-        radial = s * (1.0 - s) * (gr * ur + gi * ui)
-        tangential = torch.where(nonzero, s / safe_r, 0.0) * (gi * ur - gr * ui)
-        radial = torch.where(nonzero, radial, 0.0)  # angle(0) = 0: no gradient at z = 0
-        grad_z = torch.stack((radial * ur - tangential * ui, radial * ui + tangential * ur), dim=-1)
-        return grad_z * ctx.frac, None
+        # tangent. In complex form, with p = grad conj(a) and s' = s (1 - s):
+        # dL/dz = a ((1 - s) / s Re p + i Im p / (r s)), and 1 / s = 1 + e with e = exp(-r).
+        # Nothing cancels, even for tiny |z| in float32; no gradient at z = 0 (angle(0) = 0).
+        nonzero = r > 0
+        e = torch.exp(-r)
+        weights = torch.stack((e, (e + 1.0).div_(torch.where(nonzero, r, 1.0))), dim=-1)
+        weights.mul_(nonzero.to(r.dtype).mul_(ctx.frac)[..., None])
+        p = torch.view_as_real(grad * a.conj()).mul_(weights)
+        return torch.view_as_real(a * torch.view_as_complex(p)), None
 
 
 def complex_gate(z: Tensor, cfg: GateLoopConfig) -> Tensor:

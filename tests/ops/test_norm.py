@@ -1,0 +1,51 @@
+"""The fused RMS norm against its plain reference: outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtx.ops.norm import rms_norm, rms_norm_ref
+
+
+def run(fn, x, w, grad):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(x, w, x.shape[-1] ** 0.5)
+    gx, gw = torch.autograd.grad(y, (x, w), grad)
+    return y.detach(), gx, gw
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (7, 1), (2, 0, 8)])
+def test_matches_reference_in_float64(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    if x.numel():
+        x.view(-1, shape[-1])[0] = 0.0  # a zero row stays zero, with the clamped gradient
+        x.view(-1, shape[-1])[-1] *= 1e-14  # below the clamp
+    w = torch.randn(shape[-1], generator=g, dtype=torch.float64)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    got, want = run(rms_norm, x, w, grad), run(rms_norm_ref, x, w, grad)
+    for name, a, b in zip(("out", "grad x", "grad weight"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"{name}: {(a - b).abs().max()}"
+
+
+def test_float32_close_and_mixed_dtypes_promote():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, 32, generator=g)
+    w = torch.randn(32, generator=g)
+    grad = torch.randn(4, 9, 32, generator=g)
+    got, want = run(rms_norm, x, w, grad), run(rms_norm_ref, x.double(), w.double(), grad.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16().requires_grad_()
+    y = rms_norm(xb, w, 32**0.5)  # bfloat16 activations, float32 gain: float32 out
+    assert y.dtype == torch.float32
+    y.backward(grad)
+    assert xb.grad.dtype == torch.bfloat16
+
+
+def test_weight_of_wrong_size_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) to match"):
+        rms_norm(torch.randn(2, 8), torch.ones(7), 1.0)
