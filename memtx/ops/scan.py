@@ -45,6 +45,7 @@ from typing import Literal, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from memtx.ops.autocast import no_autocast
 from memtx.ops.scan_ref import (
@@ -270,13 +271,23 @@ def _segment_sums(x: Tensor) -> Tensor:
     return terms.cumsum(-2)  # [i, j] = sum_{s<=i} x_s [s > j]
 
 
+def _intra_chunk(q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor) -> Tensor:
+    """Each chunk's own term of the matmul strategy: (B, H, N, C, Dv), inputs as in
+    :func:`_chunked_matmul`."""
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    log_decay = _segment_sums(log_mag).masked_fill(~causal, -math.inf)  # (B, H, N, C, C)
+    decay = torch.exp(log_decay) * torch.cos(_segment_sums(phase))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
+    return torch.matmul(scores, v)  # (B, H, N, C, Dv)
+
+
 def _chunked_matmul(
     q: Tensor, k: Tensor, v: Tensor, log_mag: Tensor, phase: Tensor, state: Tensor
 ) -> Tuple[Tensor, Tensor]:
     """Matmul strategy. q, k (B, H, N, C, Dk), v (B, H, N, C, Dv), log_mag/phase (B, H, N, C)
     real, state (B, H, Dk, Dv) complex. Returns out (B, H, N, C, Dv), final state."""
     dt = q.dtype
-    C = q.shape[-2]
     # Chunk-local cumulative sums (so they stay bounded by C terms), taken in float64: they are
     # only (B, H, N, C), and differences of them below then carry no fp32 rounding of the sums.
     lc = log_mag.to(torch.float64).cumsum(-1)  # (B, H, N, C)
@@ -288,11 +299,13 @@ def _chunked_matmul(
     # Ls/Ts are segment sums over (j, i] of log|a| / angle(a). Summing each segment directly
     # (rather than differencing cumulative sums) means no cancellation in the forward pass or
     # in the gate gradients, which otherwise drown when |a| << 1 sits next to |a| ~ 1.
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    log_decay = _segment_sums(log_mag).masked_fill(~causal, -math.inf)  # (B, H, N, C, C)
-    decay = torch.exp(log_decay) * torch.cos(_segment_sums(phase))
-    scores = torch.matmul(q, k.transpose(-1, -2)) * decay  # (B, H, N, C, C)
-    out = torch.matmul(scores, v)  # (B, H, N, C, Dv)
+    if torch.is_grad_enabled():
+        # recomputed in backward: autograd would keep about eight (B, H, N, C, C) tensors
+        # (segment sums, decays, scores), most of the op's activations, for a recompute that
+        # costs one more pass of this block
+        out = checkpoint(_intra_chunk, q, k, v, log_mag, phase, use_reentrant=False)
+    else:
+        out = _intra_chunk(q, k, v, log_mag, phase)
 
     # Chunk summaries U_n = sum_j exp(c_end - c_j) k_j^T v_j with c = L + i Th:
     # Re/Im parts are (k_j * exp(L_end - L_j) * cos/sin(Th_end - Th_j))^T v.

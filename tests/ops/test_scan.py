@@ -205,6 +205,26 @@ def test_long_sequence_4096(intra: str) -> None:
     assert_close(got, want, F64_TOL, f"chunked-{intra} T=4096")
 
 
+def test_matmul_form_keeps_no_chunk_square_tensor_for_backward() -> None:
+    # the (B, H, N, C, C) segment sums, decays and scores are recomputed in backward
+    B, H, N, C, D = 1, 2, 3, 16, 8
+    leaves = make_leaves(B, H, N * C, D)
+    shapes = []
+
+    def pack(t: Tensor) -> Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, final = gate_loop_chunked(leaves.q, leaves.k, leaves.v, leaves.gate(as_pair=True),
+                                       leaves.state(), chunk_size=C, intra="matmul")
+    assert shapes and (B, H, N, C, C) not in shapes, shapes
+    want = run_with_grads(gate_loop_sequential_ref, leaves, as_pair=True)
+    got = run_with_grads(partial(gate_loop_chunked, chunk_size=C, intra="matmul"), leaves,
+                         as_pair=True)
+    assert_close(got, want, F64_TOL, "matmul form with its intra-chunk term recomputed")
+
+
 def channels(q, k, v, a, state):
     """gate_loop_channels in the (B, H, T, 1) layout of the other forms (Dk = Dv = 1)."""
     def to_bth(t: Tensor) -> Tensor:
