@@ -394,6 +394,8 @@ def _chunked_recurrent(
 
 # Chunk length of gate_loop_channels: C + N sequential steps per pass, each over (B, N, H).
 _CHANNEL_CHUNK = 64
+# Without autograd, up to this many tokens (generation) are stepped one by one instead.
+_CHANNEL_STEPS = 4
 
 
 def _validate_channels(q: Tensor, k: Tensor, v: Tensor, a: Gate, state: Tensor | None) -> None:
@@ -493,8 +495,16 @@ def gate_loop_channels(
                  else initial_state.to(complex_dtype(dt)))
         if T == 0:
             return q.new_zeros(B, 0, H, dtype=output_dtype(q, k, v)), state
-        out, final_state = _ChannelScan.apply(q.to(dt), k.to(dt), v.to(dt), gate_complex(a, dt), state)
-        return out.to(output_dtype(q, k, v)), final_state
+        qf, kf, vf, gate = q.to(dt), k.to(dt), v.to(dt), gate_complex(a, dt)
+        if T <= _CHANNEL_STEPS and not torch.is_grad_enabled():  # generation: step directly
+            outs = []
+            for t in range(T):
+                state = gate[:, t] * state + kf[:, t] * vf[:, t]
+                outs.append(qf[:, t] * state.real)
+            out = torch.stack(outs, dim=1)
+        else:
+            out, state = _ChannelScan.apply(qf, kf, vf, gate, state)
+        return out.to(output_dtype(q, k, v)), state
 
 
 # ---------------------------------------------------------------------------------------------

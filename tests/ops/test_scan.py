@@ -243,6 +243,17 @@ def test_channels_match_sequential_f64(T: int, as_pair: bool) -> None:
     assert_close(run_with_grads(channels, leaves, as_pair=as_pair), want, F64_TOL, f"channels T={T}")
 
 
+@pytest.mark.parametrize("T", [1, 3, 4, 5])
+def test_channels_without_autograd_match(T: int) -> None:
+    # generation (no autograd, a few tokens) steps the recurrence directly
+    leaves = make_leaves(2, 3, T, 1, seed=T)
+    with torch.no_grad():
+        got = channels(leaves.q, leaves.k, leaves.v, leaves.gate(), leaves.state())
+        want = gate_loop_sequential_ref(leaves.q, leaves.k, leaves.v, leaves.gate(), leaves.state())
+    for a, b in zip(got, want):
+        assert rel_rms(a, b) < F64_TOL
+
+
 def test_channels_long_sequence_and_float32() -> None:
     T = 4096
     g = torch.Generator().manual_seed(3)
