@@ -50,7 +50,6 @@ from torch.utils.checkpoint import checkpoint
 from memtx.ops.autocast import no_autocast
 from memtx.ops.scan_ref import (
     Gate,
-    _shape,
     complex_dtype,
     compute_dtype,
     gate_complex,
@@ -59,6 +58,7 @@ from memtx.ops.scan_ref import (
     gate_loop_sequential_ref,
     initial_state_or_zeros,
     output_dtype,
+    validate_channel_inputs,
     validate_inputs,
 )
 
@@ -398,29 +398,6 @@ _CHANNEL_CHUNK = 64
 _CHANNEL_STEPS = 4
 
 
-def _validate_channels(q: Tensor, k: Tensor, v: Tensor, a: Gate, state: Tensor | None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
-            got = f"shape {_shape(t)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a real (B, T, H) tensor, got {got}")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {_shape(q)}, got {_shape(t)}")
-    parts = (a,) if isinstance(a, Tensor) else tuple(a) if isinstance(a, (tuple, list)) else ()
-    if not parts or len(parts) > 2 or any(not isinstance(t, Tensor) or t.shape != q.shape
-                                          for t in parts):
-        raise ValueError(
-            f"gate a must be a complex tensor of q's shape (B, T, H) = {_shape(q)} or a pair "
-            "(log_magnitude, phase) of real tensors of that shape"
-        )
-    if len(parts) == 1 and not a.is_complex():
-        raise ValueError(f"gate a must be complex, got dtype {a.dtype}")
-    B, _, H = q.shape
-    if state is not None and tuple(state.shape) != (B, H):
-        raise ValueError(
-            f"initial_state must have shape (B, H) = ({B}, {H}), got {_shape(state)}"
-        )
-
-
 class _ChannelScan(torch.autograd.Function):
     """GateLoop with scalar states: ``h_t = a_t h_{t-1} + k_t v_t``, ``out_t = q_t Re(h_t)`` on
     (B, T, H), as one node. Forward and backward are each one chunked scan
@@ -487,7 +464,7 @@ def gate_loop_channels(
     Returns:
         out (B, T, H) real, final_state (B, H) complex.
     """
-    _validate_channels(q, k, v, a, initial_state)
+    validate_channel_inputs(q, k, v, a, initial_state)
     with no_autocast(q.device.type):  # the documented compute dtype, also under autocast
         dt = compute_dtype(q, k, v)
         B, T, H = q.shape

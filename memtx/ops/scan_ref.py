@@ -140,6 +140,35 @@ def validate_inputs(
     return B, H, T, Dk, Dv
 
 
+def validate_channel_inputs(
+    q: Tensor, k: Tensor, v: Tensor, a: Gate, state: Tensor | None
+) -> None:
+    """Check shapes and dtypes of a one-channel-per-head call (``gate_loop_channels``): q, k, v
+    (B, T, H) real, a (B, T, H) complex or a (log_magnitude, phase) pair, state (B, H)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
+            got = f"shape {_shape(t)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a real (B, T, H) tensor, got {got}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {_shape(q)}, got {_shape(t)}")
+    pair = isinstance(a, (tuple, list)) and len(a) == 2
+    parts = (a,) if isinstance(a, Tensor) else tuple(a) if pair else ()
+    if not parts or any(not isinstance(t, Tensor) or t.shape != q.shape for t in parts):
+        raise ValueError(
+            f"gate a must be a complex tensor of q's shape (B, T, H) = {_shape(q)} or a pair "
+            "(log_magnitude, phase) of real tensors of that shape"
+        )
+    if pair and not all(t.is_floating_point() for t in parts):
+        raise ValueError("gate (log_magnitude, phase) must be real floating-point tensors")
+    if not pair and not a.is_complex():
+        raise ValueError(f"gate a must be complex, got dtype {a.dtype}")
+    B, _, H = q.shape
+    if state is not None and tuple(state.shape) != (B, H):
+        raise ValueError(
+            f"initial_state must have shape (B, H) = ({B}, {H}), got {_shape(state)}"
+        )
+
+
 def compute_dtype(q: Tensor, k: Tensor, v: Tensor) -> torch.dtype:
     """Real dtype the recurrence runs in: the inputs' promoted dtype, at least float32.
 

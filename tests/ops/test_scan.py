@@ -294,6 +294,10 @@ def test_channels_errors_are_clear() -> None:
         gate_loop_channels(q, q, q, a.real)
     with pytest.raises(ValueError, match=r"gate a must be a complex tensor of q's shape"):
         gate_loop_channels(q, q, q, a[:, :4])
+    with pytest.raises(ValueError, match=r"gate a must be a complex tensor of q's shape"):
+        gate_loop_channels(q, q, q, (a.real,))
+    with pytest.raises(ValueError, match=r"must be real floating-point"):
+        gate_loop_channels(q, q, q, (a, a))
     with pytest.raises(ValueError, match=r"initial_state must have shape \(B, H\) = \(2, 3\)"):
         gate_loop_channels(q, q, q, a, torch.zeros(2, 3, 1, 1, dtype=torch.complex64))
 
