@@ -187,6 +187,15 @@ def _flatten_heads(qc, qp, k, v, r, scale):
             r.expand(batch, -1, -1, -1).reshape(n, r.shape[-2], dim))
 
 
+def _softmax_(scores: Tensor) -> Tensor:
+    """Softmax over the last dim, into ``scores``'s own storage on CPU (the kernel works row by
+    row, so no (B H, T, K) temporary beside the scores; tested to equal the out-of-place
+    softmax); elsewhere a new tensor."""
+    if scores.device.type == "cpu":
+        return torch.softmax(scores, dim=-1, out=scores)
+    return torch.softmax(scores, dim=-1)
+
+
 def _softmax_attention_backward(grad_out, weights, out, v3):
     """``(grad_v, grad_scores)`` of ``out = softmax(S) v`` from the weights and the output,
     all (B H, ., .). The softmax backward is formed in place: dS = W * (dW - sum_j dW_ij W_ij),
@@ -258,21 +267,11 @@ class _RelativeAttention(torch.autograd.Function):
         shape = (batch, heads, num_queries, k.shape[-2], r.shape[-2])
         qc3, qp, k3, v3, r3 = _flatten_heads(qc, qp, k, v, r, scale)
         scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, shape)
-        if recompute:
-            # keep only the softmax normalisers (B H, T, 1); backward rebuilds the weights.
-            # The softmax in place, its log-normaliser on the side: logsumexp would make its own
-            # exponentials (a full-size temporary) before the weights' own pass.
-            row_max = scores.amax(dim=-1, keepdim=True)  # finite: every query sees its own key
-            weights = scores.sub_(row_max).exp_()
-            total = weights.sum(dim=-1, keepdim=True)
-            weights.div_(total)
-            lse = row_max.add_(total.log_())
-        else:
-            weights = torch.softmax(scores, dim=-1)
+        weights = _softmax_(scores)
         del scores
         out = torch.bmm(weights, v3)
-        if recompute:
-            ctx.save_for_backward(lse, qc3, qp, k3, v3, r3, out, blocked)
+        if recompute:  # backward rebuilds the weights from the same inputs, the same way
+            ctx.save_for_backward(qc3, qp, k3, v3, r3, out, blocked)
         else:
             ctx.save_for_backward(weights, qc3, qp, k3, v3, r3, out)
         ctx.recompute = recompute
@@ -285,10 +284,11 @@ class _RelativeAttention(torch.autograd.Function):
         batch, heads, num_queries, num_keys, num_pos = ctx.shapes
         scale = ctx.scale
         if ctx.recompute:
-            lse, qc3, qp, k3, v3, r3, out, blocked = ctx.saved_tensors
+            qc3, qp, k3, v3, r3, out, blocked = ctx.saved_tensors
             with no_autocast(qc3.device.type):
-                weights = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
-            weights = weights.sub_(lse).exp_()
+                scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
+            weights = _softmax_(scores)
+            del scores
         else:
             weights, qc3, qp, k3, v3, r3, out = ctx.saved_tensors
         n = batch * heads
@@ -347,10 +347,10 @@ def relative_memory_attention(
         dropout_p: attention dropout (pass 0.0 in eval).
         score_bias: optional extra additive bias broadcastable to (B, H, T, K).
         recompute: do not keep the (B, H, T, K) attention weights for the backward pass (the
-            largest activation of a layer with a long memory) but rebuild them there: from the
-            saved inputs and the softmax normalisers (B, H, T), or, with dropout or
-            ``score_bias``, by replaying the forward pass (``torch.utils.checkpoint``). Same
-            results, for one more score computation per backward pass.
+            largest activation of a layer with a long memory) but rebuild them there from the
+            saved inputs, or, with dropout or ``score_bias``, by replaying the forward pass
+            (``torch.utils.checkpoint``). Same results, for one more score computation and
+            softmax per backward pass.
 
     Returns:
         (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
@@ -448,7 +448,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             scores.add_(bias[:, None])
             scores = scores.view(n, num_queries, num_keys)
             scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
-            weights = torch.softmax(scores, dim=-1)
+            weights = _softmax_(scores)
             del scores
             out = torch.bmm(weights, v3)
         ctx.save_for_backward(weights, qc3, qp3, k3, v3, r3, out, distances)

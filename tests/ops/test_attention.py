@@ -287,3 +287,18 @@ def test_pairwise_relative_attention_in_bfloat16_and_under_autocast():
     assert out.dtype == torch.bfloat16 and rel_rms(out.double(), ref) < 2e-2
     out.float().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_in_place_softmax_equals_softmax():
+    from memtx.ops.attention import _softmax_
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(6, 5, 37), (3, 1, 1200), (2, 300, 9)]:
+        scores = torch.randn(shape, generator=g) * 30
+        scores[..., 1::3] = float("-inf")  # masked keys, as the attention ops leave them
+        scores[..., 0] = 1e4  # a dominant key
+        want = torch.softmax(scores, dim=-1)
+        got = _softmax_(scores.clone())
+        assert torch.equal(got, want)
+        same_storage = scores.clone()
+        assert _softmax_(same_storage).data_ptr() == same_storage.data_ptr()
