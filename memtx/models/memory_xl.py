@@ -114,7 +114,7 @@ class MemoryXLConfig(ModelConfig):
         checkpoint_attention: rebuild the attention weights and the normalised memory in the
             backward pass instead of keeping them (same results; at dim 256, mem_len 1024,
             batch 4 the peak of steady-state training steps is 442 instead of 589 MiB, and a
-            step takes 1.21x as long).
+            step takes about 1.10x as long).
     """
 
     mem_len: int = 256
