@@ -202,6 +202,7 @@ class _ComplexGate(torch.autograd.Function):
         return a
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         a, r = ctx.saved_tensors
         # a = s(r) u with u = z / r: da/dz = s'(r) u u^T + (s / r) t t^T, t = (-u_i, u_r) the
@@ -223,7 +224,7 @@ def complex_gate(z: Tensor, cfg: GateLoopConfig) -> Tensor:
         return complex_gate_ref(z, cfg)
     if z.dtype not in (torch.float32, torch.float64):  # e.g. bf16 under autocast
         z = z.float()
-    return _ComplexGate.apply(z, cfg.frac_gradient_state_transition)
+    return _ComplexGate.apply(z.contiguous(), cfg.frac_gradient_state_transition)
 
 
 def complex_gate_ref(z: Tensor, cfg: GateLoopConfig) -> Tensor:

@@ -33,12 +33,13 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, c, norm = ctx.saved_tensors
         dim = x.shape[-1]
         xg = x.to(grad.dtype)
-        # y = c x w with c = scale / ||x||: dL/dx = c (g w) - x c^3 / scale^2 (g w . x), the
-        # second term absent where the norm was clamped (c constant there)
+        # y = c x w with c = scale / ||x||: with the unit vector u = x / ||x|| = x c / scale,
+        # dL/dx = c (g w - u (g w . u)), the second term absent where the norm was clamped (c
+        # constant there). Written with u, nothing grows like c^3 for tiny rows.
         gw = grad * weight
-        dot = torch.linalg.vecdot(gw, xg).unsqueeze(-1)
-        k = torch.where(norm > EPS, c.pow(3) / ctx.scale**2, 0.0).to(grad.dtype) * dot
-        grad_x = gw.mul_(c).sub_(xg * k)
+        u = xg * (c / ctx.scale).to(grad.dtype)
+        dot = torch.linalg.vecdot(gw, u).unsqueeze(-1).masked_fill_(norm <= EPS, 0.0)
+        grad_x = gw.sub_(u.mul_(dot)).mul_(c)
         grad_w = c.reshape(1, -1).to(grad.dtype) @ (grad * xg).reshape(-1, dim)
         return grad_x.to(x.dtype), grad_w.reshape(dim).to(weight.dtype), None
 

@@ -210,3 +210,49 @@ def test_bad_config_and_state():
     state = other(torch.zeros(1, 4, dtype=torch.long)).state
     with pytest.raises(memtx.StateError, match="'heads' dimension is 4 but this model expects 16"):
         model(torch.zeros(1, 4, dtype=torch.long), state=state)
+
+
+def test_one_channel_heads_run_the_channel_op(monkeypatch):
+    import memtx.models.gateloop as gateloop
+
+    calls = []
+    real = gateloop.gate_loop_channels
+    monkeypatch.setattr(gateloop, "gate_loop_channels",
+                        lambda *args: calls.append(args[0].shape) or real(*args))
+    model = memtx.build("gateloop", seq_len=8, **SMALL)  # heads default: one channel each
+    model(torch.randint(0, 40, (2, 8)))
+    assert calls == [torch.Size([2, 8, 16])] * 2
+    calls.clear()
+    memtx.build("gateloop", seq_len=8, heads=4, **SMALL)(torch.randint(0, 40, (2, 8)))
+    assert calls == []  # 4 x 4 states take the chunked form
+
+
+def test_checkpoint_blocks_does_not_also_checkpoint_the_recurrence(monkeypatch):
+    import memtx.models.gateloop as gateloop
+
+    names = []
+    real = gateloop.checkpoint
+
+    def recording(fn, *args, **kwargs):
+        names.append(getattr(fn, "__name__", type(fn).__name__))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(gateloop, "checkpoint", recording)
+    for heads in (None, 4):
+        names.clear()
+        model = memtx.build("gateloop", seq_len=8, heads=heads, checkpoint_blocks=True,
+                            gradient_checkpointing=True, **SMALL)
+        x = torch.randint(0, 40, (2, 8))
+        model(x, targets=x).loss.backward()
+        assert names == ["GateLoopBlock"] * 2, names
+
+
+def test_complex_gate_takes_strided_input_and_refuses_double_backward():
+    from memtx.models.gateloop import GateLoopConfig, complex_gate, complex_gate_ref
+
+    cfg = GateLoopConfig(seq_len=8, **SMALL)
+    z = torch.randn(2, 7, dtype=torch.float64).t().requires_grad_()  # (7, 2), strides (1, 7)
+    assert torch.allclose(complex_gate(z, cfg), complex_gate_ref(z, cfg), atol=1e-12)
+    (grad,) = torch.autograd.grad(complex_gate(z, cfg).real.sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable|twice"):
+        grad.sum().backward()

@@ -235,7 +235,7 @@ def channels(q, k, v, a, state):
     return out.transpose(1, 2)[..., None], final[..., None, None]
 
 
-@pytest.mark.parametrize("T", [1, 37, 64, 130])
+@pytest.mark.parametrize("T", [1, 37, 64, 127, 130, 191])  # padded by 63, 1, 62 and 1
 @pytest.mark.parametrize("as_pair", [False, True])
 def test_channels_match_sequential_f64(T: int, as_pair: bool) -> None:
     leaves = make_leaves(2, 3, T, 1, seed=T)
@@ -252,6 +252,27 @@ def test_channels_without_autograd_match(T: int) -> None:
         want = gate_loop_sequential_ref(leaves.q, leaves.k, leaves.v, leaves.gate(), leaves.state())
     for a, b in zip(got, want):
         assert rel_rms(a, b) < F64_TOL
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("T", [3, 70])  # the stepped and the chunked path without autograd
+def test_channels_dtypes(T: int, grad: bool) -> None:
+    leaves = _to_dtype(make_leaves(2, 3, T, 1, seed=5), torch.float32)
+    q, k, v = (t[..., 0].transpose(1, 2) for t in (leaves.q, leaves.k, leaves.v))
+    a = leaves.gate().transpose(1, 2)
+    with torch.set_grad_enabled(grad):
+        # bfloat16 inputs compute in float32 and come back in bfloat16
+        out, final = gate_loop_channels(q.bfloat16(), k.bfloat16(), v.bfloat16(), a)
+        want, want_final = gate_loop_channels(q.bfloat16().float(), k.bfloat16().float(),
+                                              v.bfloat16().float(), a)
+        assert out.dtype == torch.bfloat16 and final.dtype == torch.complex64
+        assert torch.allclose(out.float(), want, rtol=1e-2, atol=1e-2)
+        assert torch.equal(final, want_final)
+        # a complex128 state with float32 inputs: float32 compute, complex64 state out
+        out, final = gate_loop_channels(q, k, v, a, leaves.state()[..., 0, 0].to(torch.complex128))
+        assert out.dtype == torch.float32 and final.dtype == torch.complex64
+    if grad:  # with autograd the recurrence is one node
+        assert type(out.grad_fn).__name__ == "_ChannelScanBackward"
 
 
 def test_channels_long_sequence_and_float32() -> None:
