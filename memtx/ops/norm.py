@@ -30,18 +30,17 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, weight, c, norm = ctx.saved_tensors
+        x, weight, c, norm = ctx.saved_tensors  # one dtype (see rms_norm)
         dim = x.shape[-1]
-        xg = x.to(grad.dtype)
         # y = c x w with c = scale / ||x||: with the unit vector u = x / ||x|| = x c / scale,
         # dL/dx = c (g w - u (g w . u)), the second term absent where the norm was clamped (c
         # constant there). Written with u, nothing grows like c^3 for tiny rows.
         gw = grad * weight
-        u = xg * (c / ctx.scale).to(grad.dtype)
+        u = x * (c / ctx.scale)
         dot = torch.linalg.vecdot(gw, u).unsqueeze(-1).masked_fill_(norm <= EPS, 0.0)
         grad_x = gw.sub_(u.mul_(dot)).mul_(c)
-        grad_w = c.reshape(1, -1).to(grad.dtype) @ (grad * xg).reshape(-1, dim)
-        return grad_x.to(x.dtype), grad_w.reshape(dim).to(weight.dtype), None
+        grad_w = c.reshape(1, -1) @ (grad * x).reshape(-1, dim)
+        return grad_x, grad_w.reshape(dim), None
 
 
 def rms_norm(x: Tensor, weight: Tensor, scale: float) -> Tensor:

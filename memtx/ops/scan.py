@@ -416,6 +416,7 @@ class _ChannelScan(torch.autograd.Function):
             gate = torch.cat((gate, gate.new_ones(B, N * C - T, H)), dim=1)
         final_state = _scan_chunks_(gate.view(B, N, C, H), h.view(B, N, C, H), state, 2, 1)
         ctx.save_for_backward(q, k, v, gate, state, h)
+        ctx.chunks = N, C
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return q * h.real[:, :T], final_state
 
@@ -424,8 +425,7 @@ class _ChannelScan(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor | None, grad_final: Tensor | None):
         q, k, v, gate, state, h = ctx.saved_tensors
         B, T, H = q.shape
-        P = h.shape[1]
-        C = min(_CHANNEL_CHUNK, T)
+        N, C = ctx.chunks
         states = h[:, :T]
         g = torch.zeros_like(h)  # dL/dh_t over all paths, built in place by the reverse scan
         grad_q = torch.zeros_like(q) if grad_out is None else grad_out * states.real
@@ -436,7 +436,7 @@ class _ChannelScan(torch.autograd.Function):
         b[:, :-1] = gate[:, 1:].conj()
         b[:, -1] = 1.0
         enter = torch.zeros_like(state) if grad_final is None else grad_final
-        _scan_chunks_(b.view(B, P // C, C, H), g.view(B, P // C, C, H), enter, 2, 1, reverse=True)
+        _scan_chunks_(b.view(B, N, C, H), g.view(B, N, C, H), enter, 2, 1, reverse=True)
         g = g[:, :T]
         grad_u = g.real
         grad_gate = torch.empty_like(g)
