@@ -187,7 +187,7 @@ def _flatten_heads(qc, qp, k, v, r, scale):
             r.expand(batch, -1, -1, -1).reshape(n, r.shape[-2], dim))
 
 
-def _softmax_(scores: Tensor) -> Tensor:
+def softmax_in_place(scores: Tensor) -> Tensor:
     """Softmax over the last dim, into ``scores``'s own storage on CPU (the kernel works row by
     row, so no (B H, T, K) temporary beside the scores; tested to equal the out-of-place
     softmax); elsewhere a new tensor."""
@@ -224,99 +224,191 @@ def _position_backward(grad_pos, qp3, r3, scale, batch, need_r):
     return grad_qp, grad_r
 
 
+# score matrices per step of the blocked loops below: a block of (T, K) scores and its
+# (T, P) position scores stay in cache while the mask, softmax and matmuls pass over them
+_BLOCK_BYTES = 8 << 20
+
+
+def _head_blocks(batch: int, heads: int, matrix_bytes: int, device: torch.device):
+    """Blocks of the B H score matrices, as ``(start, stop, b0, b1, h0, h1)``: heads ``h0:h1``
+    of batch rows ``b0:b1`` are matrices ``start:stop`` of the (B H, ., .) layout. A block is
+    either a few heads of one row or whole rows, so its heads are a slice of ``r``. On GPUs one
+    block holds everything (their kernels want large batches, not cache)."""
+    n = batch * heads
+    want = n if device.type != "cpu" else max(1, _BLOCK_BYTES // max(matrix_bytes, 1))
+    if want >= heads:
+        rows = min(batch, want // heads)
+        return [(b * heads, min(b + rows, batch) * heads, b, min(b + rows, batch), 0, heads)
+                for b in range(0, batch, rows)]
+    size = max(d for d in range(1, want + 1) if heads % d == 0)
+    return [(b * heads + h, b * heads + h + size, b, b + 1, h, h + size)
+            for b in range(batch) for h in range(0, heads, size)]
+
+
+def _block_rows(block):
+    """Slices of a block's matrices, one per batch row."""
+    _, _, b0, b1, h0, h1 = block
+    heads = h1 - h0
+    return [slice(i * heads, (i + 1) * heads) for i in range(b1 - b0)]
+
+
+def _block_positions(r: Tensor, blocks) -> callable:
+    """``positions(block)``: ``r`` (H, P, D) for the matrices of a block, its heads (a view)
+    or repeated over its batch rows (one copy per call, shared by the blocks)."""
+    rows = max(b1 - b0 for _, _, b0, b1, _, _ in blocks)
+    repeated = r.repeat(rows, 1, 1) if rows > 1 else None
+
+    def positions(block):
+        start, stop, b0, b1, h0, h1 = block
+        return r[h0:h1] if b1 - b0 == 1 else repeated[: stop - start]
+
+    return positions
+
+
 class _RelativeAttention(torch.autograd.Function):
-    """Forward and backward of :func:`relative_memory_attention` written out, so that the
-    (B, H, T, K) tensors are made once each: the scores (position scores read through the
-    shift view, content matmul accumulated into them, mask and softmax in place), and in
-    backward the score gradient and one scatter back through the shift. The generic path
-    (shift view + baddbmm + masked_fill through autograd) copies and zero-fills several more
-    (B, H, T, K) tensors per layer."""
+    """Forward and backward of :func:`relative_memory_attention` written out, over blocks of
+    heads (:func:`_head_blocks`) so that the (T, K) work of a block happens in cache: scores
+    (content matmul, position scores added through the shift view, mask and softmax in place)
+    then the output; in backward the score gradient, one copy back through the shift, and the
+    four matmuls it feeds. The (B, H, T, K) attention weights are the only tensor of that size,
+    kept for backward, or not even that with ``recompute`` (backward rebuilds each block's
+    weights just before using them). The generic path (shift view + baddbmm + masked_fill
+    through autograd) makes several (B, H, T, K) tensors per layer."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
+    def forward(ctx, qc, qp, k, v, r, blocked, scale, mode):
         # every input is already in one dtype (see relative_memory_attention); autocast would
         # only move the softmax to float32 and back
         with no_autocast(qc.device.type):
-            return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale, recompute)
+            return _RelativeAttention._forward(ctx, qc, qp, k, v, r, blocked, scale, mode)
 
     @staticmethod
-    def _scores(qc3, qp, k3, r3, blocked, scale, shape):
-        """Masked scores (B H, T, K); ``qp`` already scaled."""
-        batch, heads, num_queries, num_keys, num_pos = shape
-        pos = torch.bmm(qp, r3.transpose(1, 2))  # (B H, T, P)
-        if num_queries == 1 and num_pos == num_keys:  # one query: already aligned, ours to use
-            scores = pos.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
+    def _block_weights(w, qc, qp, k, r, blocked, pos_buf, block, shape):
+        """Attention weights of one block into ``w`` (its (T, K) matrices); ``qc`` and ``qp``
+        are already scaled, ``r`` is the block's (see :func:`_block_positions`). Returns ``w``,
+        or on GPUs the softmax's new tensor."""
+        num_queries, num_keys, num_pos = shape
+        _, _, b0, b1, h0, h1 = block
+        if num_queries == 1 and num_pos == num_keys:  # one query: already aligned
+            torch.bmm(qp, r.transpose(1, 2), out=w).baddbmm_(qc, k.transpose(1, 2))
         else:
             # content scores written once, then the position scores added through the shift
             # (keys without positions are never written twice)
-            scores = torch.bmm(qc3 * scale, k3.transpose(1, 2))
+            torch.bmm(qc, k.transpose(1, 2), out=w)
+            pos = pos_buf[: w.shape[0]] if num_queries > 1 else w.new_empty(w.shape[0], 1, num_pos)
+            torch.bmm(qp, r.transpose(1, 2), out=pos)
             if num_queries > 1:
                 pos = _shifted(pos, num_queries, num_pos)
-            scores[..., num_keys - num_pos:].add_(pos)
-        del pos
+            w[..., num_keys - num_pos:].add_(pos)
         if blocked is not None:
             # blocked covers the last blocked.shape[-1] keys (the segment's, when only the causal
             # mask applies): the pass over the scores skips the memory columns
-            scores.view(batch, heads, num_queries, num_keys)[..., num_keys - blocked.shape[-1]:] \
+            if blocked.dim() == 4:
+                blocked = blocked[b0:b1]
+            w.view(b1 - b0, h1 - h0, num_queries, num_keys)[..., num_keys - blocked.shape[-1]:] \
                 .masked_fill_(blocked, float("-inf"))
-        return scores
+        return softmax_in_place(w)
 
     @staticmethod
-    def _forward(ctx, qc, qp, k, v, r, blocked, scale, recompute):
-        batch, heads, num_queries, _ = qc.shape
-        shape = (batch, heads, num_queries, k.shape[-2], r.shape[-2])
-        qc3, qp, k3, v3, r3 = _flatten_heads(qc, qp, k, v, r, scale)
-        scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, shape)
-        weights = _softmax_(scores)
-        del scores
-        out = torch.bmm(weights, v3)
-        if recompute:  # backward rebuilds the weights from the same inputs, the same way
-            ctx.save_for_backward(qc3, qp, k3, v3, r3, out, blocked)
-        else:
-            ctx.save_for_backward(weights, qc3, qp, k3, v3, r3, out)
-        ctx.recompute = recompute
+    def _forward(ctx, qc, qp, k, v, r, blocked, scale, mode):
+        batch, heads, num_queries, dim = qc.shape
+        num_keys, num_pos = k.shape[-2], r.shape[-2]
+        n = batch * heads
+        shape = (num_queries, num_keys, num_pos)
+        qc3 = (qc * scale).reshape(n, num_queries, dim)
+        qp3 = (qp * scale).reshape(n, num_queries, dim)
+        k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+        blocks = _head_blocks(batch, heads, num_queries * num_keys * qc.element_size(), qc.device)
+        largest = max(stop - start for start, stop, *_ in blocks)
+        keep = mode == "keep"  # the weights are saved for backward
+        weights = qc3.new_empty(n if keep else largest, num_queries, num_keys)
+        pos_buf = qc3.new_empty(largest, num_queries, num_pos) if num_queries > 1 else None
+        out = qc3.new_empty(n, num_queries, v.shape[-1])
+        positions = _block_positions(r, blocks)
+        for block in blocks:
+            start, stop = block[:2]
+            w = weights[start:stop] if keep else weights[: stop - start]
+            w_done = _RelativeAttention._block_weights(
+                w, qc3[start:stop], qp3[start:stop], k3[start:stop], positions(block), blocked,
+                pos_buf, block, shape)
+            if w_done is not w:  # a softmax that is not in place (one block)
+                w = weights = w_done
+            torch.bmm(w, v3[start:stop], out=out[start:stop])
+        if mode == "recompute":  # backward rebuilds each block's weights the same way
+            ctx.save_for_backward(qc3, qp3, k3, v3, r, out, blocked)
+        elif keep:
+            ctx.save_for_backward(weights, qc3, qp3, k3, v3, r, out)
+        ctx.mode = mode
         ctx.scale = scale
-        ctx.shapes = shape
+        ctx.shapes = (batch, heads, num_queries, num_keys, num_pos)
         return out.view(batch, heads, num_queries, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         batch, heads, num_queries, num_keys, num_pos = ctx.shapes
-        scale = ctx.scale
-        if ctx.recompute:
-            qc3, qp, k3, v3, r3, out, blocked = ctx.saved_tensors
-            with no_autocast(qc3.device.type):
-                scores = _RelativeAttention._scores(qc3, qp, k3, r3, blocked, scale, ctx.shapes)
-            weights = _softmax_(scores)
-            del scores
+        shape = (num_queries, num_keys, num_pos)
+        if ctx.mode == "recompute":
+            qc3, qp3, k3, v3, r, out, blocked = ctx.saved_tensors
+            weights = None
         else:
-            weights, qc3, qp, k3, v3, r3, out = ctx.saved_tensors
+            weights, qc3, qp3, k3, v3, r, out = ctx.saved_tensors
+            blocked = None
         n = batch * heads
-        grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
-        grad_v, grad_scores = _softmax_attention_backward(grad_out, weights, out, v3)
-        # rebuilt weights are ours to reuse: the position gradient goes into their storage
-        spare = weights if ctx.recompute else None
-        del weights
-        grad_qc = torch.bmm(grad_scores, k3).mul_(scale)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), qc3).mul_(scale)
-        grad_pos_keys = grad_scores[..., num_keys - num_pos:]
-        if num_queries > 1:
-            if spare is not None:
-                grad_pos = spare.view(-1)[: n * num_queries * num_pos].view(n, num_queries, num_pos)
-            else:
-                grad_pos = grad_scores.new_empty(n, num_queries, num_pos)
-            grad_pos[:, 0, : num_queries - 1].zero_()  # never read by the shift view
-            view = _shifted(grad_pos, num_queries, num_pos)
-            view.copy_(grad_pos_keys)
-            # shared elements: the valid entry (i + 1, 0) must win over the masked (i, P - 1)
-            view[:, 1:, 0].copy_(grad_pos_keys[:, 1:, 0])
-        else:
-            grad_pos = grad_pos_keys.contiguous()
-        del grad_scores
-        grad_qp, grad_r = _position_backward(grad_pos, qp, r3, scale, batch,
-                                             ctx.needs_input_grad[4])
-        return (grad_qc.view(batch, heads, num_queries, -1), grad_qp, grad_k.view(batch, heads, num_keys, -1),
-                grad_v.view(batch, heads, num_keys, -1), grad_r, None, None, None)
+        grad_out = grad_out.reshape(n, num_queries, -1).to(out.dtype)
+        with no_autocast(out.device.type):
+            # softmax backward: dS = W * (dW - sum_j dW_ij W_ij), where the row sum is
+            # sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product
+            delta = (grad_out * out).sum(-1, keepdim=True)
+            grad_qc, grad_qp = torch.empty_like(qc3), torch.empty_like(qp3)
+            grad_k, grad_v = torch.empty_like(k3), torch.empty_like(v3)
+            grad_r = torch.zeros_like(r) if ctx.needs_input_grad[4] else None
+            blocks = _head_blocks(batch, heads, num_queries * num_keys * out.element_size(),
+                                  out.device)
+            largest = max(stop - start for start, stop, *_ in blocks)
+            grad_buf = out.new_empty(largest, num_queries, num_keys)
+            w_buf = out.new_empty(largest, num_queries, num_keys) if weights is None else None
+            pos_buf = out.new_empty(largest, num_queries, num_pos) if num_queries > 1 else None
+            positions = _block_positions(r, blocks)
+            for block in blocks:
+                start, stop, b0, b1, h0, h1 = block
+                size = stop - start
+                r_block = positions(block)
+                if weights is None:  # rebuilt like the forward pass did
+                    w = _RelativeAttention._block_weights(
+                        w_buf[:size], qc3[start:stop], qp3[start:stop], k3[start:stop], r_block,
+                        blocked, pos_buf, block, shape)
+                else:
+                    w = weights[start:stop]
+                g = grad_out[start:stop]
+                torch.bmm(w.transpose(1, 2), g, out=grad_v[start:stop])
+                # masked entries have weight 0, so their score gradient is 0
+                grad_scores = torch.bmm(g, v3[start:stop].transpose(1, 2), out=grad_buf[:size])
+                grad_scores.sub_(delta[start:stop]).mul_(w)
+                torch.bmm(grad_scores, k3[start:stop], out=grad_qc[start:stop])
+                torch.bmm(grad_scores.transpose(1, 2), qc3[start:stop], out=grad_k[start:stop])
+                grad_pos_keys = grad_scores[..., num_keys - num_pos:]
+                if num_queries > 1:
+                    grad_pos = pos_buf[:size]
+                    grad_pos[:, 0, : num_queries - 1].zero_()  # never read by the shift view
+                    view = _shifted(grad_pos, num_queries, num_pos)
+                    view.copy_(grad_pos_keys)
+                    # shared elements: the valid entry (i + 1, 0) must win over the masked
+                    # (i, P - 1)
+                    view[:, 1:, 0].copy_(grad_pos_keys[:, 1:, 0])
+                else:
+                    grad_pos = grad_pos_keys
+                torch.bmm(grad_pos, r_block, out=grad_qp[start:stop])
+                if grad_r is not None:  # sums over the batch, in place
+                    qp_block = qp3[start:stop]
+                    for rows in _block_rows(block):
+                        grad_r[h0:h1].baddbmm_(grad_pos[rows].transpose(1, 2), qp_block[rows])
+            scale = ctx.scale
+            grad_qc.mul_(scale)  # the saved queries were scaled, their gradients are not yet
+            grad_qp.mul_(scale)
+        return (grad_qc.view(batch, heads, num_queries, -1),
+                grad_qp.view(batch, heads, num_queries, -1),
+                grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
+                grad_r, None, None, None)
 
 
 def relative_memory_attention(
@@ -350,7 +442,11 @@ def relative_memory_attention(
             largest activation of a layer with a long memory) but rebuild them there from the
             saved inputs, or, with dropout or ``score_bias``, by replaying the forward pass
             (``torch.utils.checkpoint``). Same results, for one more score computation and
-            softmax per backward pass.
+            softmax per backward pass; the rebuilt weights exist one block of heads at a time.
+
+    Without dropout or ``score_bias`` the work runs over blocks of heads of about 8 MiB of
+    scores each (CPU), so only the kept weights reach (B, H, T, K); every other tensor of that
+    size (position scores, score gradients) is one block, reused.
 
     Returns:
         (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
@@ -381,10 +477,14 @@ def relative_memory_attention(
     if key_valid is not None:
         invalid = ~key_valid[:, None, None, :]  # (B, 1, T, K)
         blocked = invalid if blocked is None else blocked | invalid
-    # without autograd there is nothing to keep, so the plain softmax is the cheaper forward
-    recompute = recompute and torch.is_grad_enabled()
+    # without autograd nothing is kept: the weights of one block at a time
+    inputs = (q_content, q_position, k, v, r)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        mode = "none"
+    else:
+        mode = "recompute" if recompute else "keep"
     return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
-                                    r.to(dtype), blocked, scale, recompute)
+                                    r.to(dtype), blocked, scale, mode)
 
 
 def _general_relative_attention(q_content, q_position, k, v, r, key_valid, scale, dropout_p,
@@ -448,7 +548,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             scores.add_(bias[:, None])
             scores = scores.view(n, num_queries, num_keys)
             scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
-            weights = _softmax_(scores)
+            weights = softmax_in_place(scores)
             del scores
             out = torch.bmm(weights, v3)
         ctx.save_for_backward(weights, qc3, qp3, k3, v3, r3, out, distances)

@@ -15,6 +15,7 @@ from memtx.ops.attention import (
     relative_memory_attention,
     relative_memory_attention_ref,
 )
+from memtx.ops import attention as attention_ops
 from memtx.testing import grads, rel_rms
 
 CASES = [
@@ -290,7 +291,7 @@ def test_pairwise_relative_attention_in_bfloat16_and_under_autocast():
 
 
 def test_in_place_softmax_equals_softmax():
-    from memtx.ops.attention import _softmax_
+    from memtx.ops.attention import softmax_in_place
 
     g = torch.Generator().manual_seed(0)
     for shape in [(6, 5, 37), (3, 1, 1200), (2, 300, 9)]:
@@ -298,10 +299,10 @@ def test_in_place_softmax_equals_softmax():
         scores[..., 1::3] = float("-inf")  # masked keys, as the attention ops leave them
         scores[..., 0] = 1e4  # a dominant key
         want = torch.softmax(scores, dim=-1)
-        got = _softmax_(scores.clone())
+        got = softmax_in_place(scores.clone())
         assert torch.equal(got, want)
         same_storage = scores.clone()
-        assert _softmax_(same_storage).data_ptr() == same_storage.data_ptr()
+        assert softmax_in_place(same_storage).data_ptr() == same_storage.data_ptr()
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -319,3 +320,29 @@ def test_relative_attention_backward_twice_gives_the_same_gradients(recompute):
     second = torch.autograd.grad(loss, [qc, qp, k, v, r])
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("matrices", [1, 2, 8], ids=["single-heads", "head-pairs", "two-rows"])
+@pytest.mark.parametrize("length,mem,extra", [(6, 5, 0), (6, 4, 3), (1, 6, 0), (1, 4, 3)],
+                         ids=["T6", "T6-keys-without-positions", "T1", "T1-keys-without-positions"])
+@pytest.mark.parametrize("use_valid", [False, True], ids=["all-valid", "padded-memory"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-weights", "recompute"])
+def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, matrices, length, mem,
+                                                                  extra, use_valid, recompute):
+    # blocks of `matrices` (T, K) score matrices: a few heads of one row, or whole rows (4 heads
+    # per row, 3 rows: the last block of two rows is one row)
+    batch, heads = 3, 4
+    qc, qp, k, v, r, valid = _rel_inputs(batch, heads, length, mem, extra, seed=3)
+    keys = k.shape[-2]
+    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * length * keys * 8)
+    blocks = attention_ops._head_blocks(batch, heads, length * keys * 8, torch.device("cpu"))
+    assert blocks[0][1] - blocks[0][0] == matrices and len(blocks) == -(-batch * heads // matrices)
+    kwargs = dict(key_valid=valid if use_valid else None, scale=0.41)
+    fast = relative_memory_attention(qc, qp, k, v, r, recompute=recompute, **kwargs)
+    ref = relative_memory_attention_ref(qc, qp, k, v, r, **kwargs)
+    assert rel_rms(fast, ref) < 1e-10
+    inputs = [qc, qp, k, v, r]
+    for name, g_fast, g_ref in zip("qc qp k v r".split(), grads(fast, inputs), grads(ref, inputs)):
+        assert rel_rms(g_fast, g_ref) < 1e-10, name
+    with torch.no_grad():  # inference keeps one block of weights at a time
+        assert rel_rms(relative_memory_attention(qc, qp, k, v, r, **kwargs), ref) < 1e-10
