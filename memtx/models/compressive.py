@@ -70,7 +70,7 @@ from memtx.layers.attention import KeyValue, KeyValueCache, project_positions, w
 from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import GatedResidual
 from memtx.modeling import MemoryLM
-from memtx.ops.attention import causal_mask, relative_memory_attention
+from memtx.ops.attention import causal_mask, relative_memory_attention, softmax_in_place
 from memtx.ops.position import relative_distances, relative_position_scores, sinusoid
 from memtx.reference import register_converter
 from memtx.registry import register
@@ -324,6 +324,18 @@ def compressed_validity(valid: Tensor, ratio: int, kind: str) -> Tensor:
     return torch.arange(keep, device=valid.device) >= keep - num_valid
 
 
+def attend_in_place(queries: Tensor, kv: KeyValue, valid: Tensor, scale: float,
+                    dropout_p: float = 0.0) -> Tensor:
+    """Without autograd, :func:`attention_reconstruction_loss`'s attention of ``queries`` over
+    ``kv`` with every step on one (B, H, T, N) tensor."""
+    scores = torch.matmul(queries, kv[0].transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(~valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = softmax_in_place(scores)
+    if dropout_p:
+        weights = F.dropout(weights, p=dropout_p, inplace=True)
+    return torch.matmul(weights, kv[1])
+
+
 def attention_reconstruction_loss(
     queries: Tensor,
     target_kv: KeyValue,
@@ -352,7 +364,10 @@ def attention_reconstruction_loss(
         weights = F.dropout(scores.softmax(-1), p=dropout_p) if dropout_p else scores.softmax(-1)
         return torch.matmul(weights, kv[1])
 
-    error = (attend(compressed_kv, compressed_valid) - attend(target_kv, target_valid)).pow(2)
+    reconstructed = attend(compressed_kv, compressed_valid)
+    with torch.no_grad():  # the target has no gradient: one (B, H, T, N) tensor, in place
+        target = attend_in_place(queries, target_kv, target_valid, scale, dropout_p)
+    error = (reconstructed - target).pow(2)
     rows = target_valid.any(1).to(error.dtype)  # (B,)
     per_row = error.flatten(1).mean(1)
     return (per_row * rows).sum() / rows.sum().clamp(min=1)
@@ -594,18 +609,20 @@ class CompressiveTransformer(MemoryLM):
         Training and streaming both commit through here."""
         cfg = self.config
         batch, length = written.shape[1], written.shape[2]
-        mem = torch.cat((state.mem, written.detach().to(state.mem.dtype)), dim=2)
         ones = torch.ones(batch, length, dtype=torch.bool, device=state.valid.device)
-        valid = torch.cat((state.valid, ones), dim=1)
-        num_evicted = max(mem.shape[2] - cfg.mem_len, 0)
+        # the evicted memories are the oldest of the current memory (mem_len >= seq_len), so
+        # the next memory is built from what stays, at its own size
+        num_evicted = max(state.mem.shape[2] + length - cfg.mem_len, 0)
+        evicted, evicted_valid = state.mem[:, :, :num_evicted], state.valid[:, :num_evicted]
+        mem = torch.cat((state.mem[:, :, num_evicted:], written.detach().to(state.mem.dtype)),
+                        dim=2)
+        valid = torch.cat((state.valid[:, num_evicted:], ones), dim=1)
         if num_evicted == 0:
             return CompressiveMemory(mem, valid, state.cmem, state.cmem_valid), None
-        evicted, mem = mem[:, :, :num_evicted], mem[:, :, num_evicted:]
-        evicted_valid, valid = valid[:, :num_evicted], valid[:, num_evicted:]
         # complete the oldest group on the left with empty slots: ratio - N % ratio of them
         # (the reference pads N % ratio, which drops memories)
         pad = -num_evicted % cfg.compress_ratio
-        padded = F.pad(evicted, (0, 0, pad, 0))
+        padded = F.pad(evicted, (0, 0, pad, 0)) if pad else evicted
         padded_valid = F.pad(evicted_valid, (pad, 0), value=False)
         compressed = []
         for j, layer in enumerate(self.memory_layers):
@@ -615,9 +632,11 @@ class CompressiveTransformer(MemoryLM):
             compress = self.blocks[layer].compress
             compressed.append(compress(padded[j], padded_valid, layer_usage))
         compressed_valid = compressed_validity(padded_valid, cfg.compress_ratio, cfg.compression)
-        keep = cfg.cmem_len
-        cmem = torch.cat((state.cmem, torch.stack(compressed).detach()), dim=2)[:, :, -keep:]
-        cmem_valid = torch.cat((state.cmem_valid, compressed_valid), dim=1)[:, -keep:]
+        drop = max(state.cmem.shape[2] + compressed_valid.shape[1] - cfg.cmem_len, 0)
+        cmem = torch.cat((state.cmem[:, :, drop:], torch.stack(compressed).detach()), dim=2)
+        cmem_valid = torch.cat((state.cmem_valid[:, drop:], compressed_valid), dim=1)
+        # (one commit can compress more than cmem_len when mem_len is not a multiple of ratio)
+        cmem, cmem_valid = cmem[:, :, -cfg.cmem_len:], cmem_valid[:, -cfg.cmem_len:]
         new_state = CompressiveMemory(mem, valid, cmem, cmem_valid)
         return new_state, Compression(num_evicted, evicted_valid, compressed, compressed_valid)
 
@@ -655,10 +674,17 @@ class CompressiveTransformer(MemoryLM):
         key_valid = prefix_validity(state, length)
         # usage is only needed when this segment evicts memories
         most_used = self.config.compression == "most_used" and num_mem + length > self.config.mem_len
-        hiddens, queries, prefixes, usages = [], {}, {}, []
+        # the reconstruction loss needs the keys and values of the memories this segment evicts
+        num_evicted = max(num_mem + length - self.config.mem_len, 0)
+        reconstructs = num_evicted > 0 and self.training and self.reconstructs()
+        evicted = slice(num_cmem, num_cmem + num_evicted)  # their columns of the prefix
+        hiddens, queries, targets, usages = [], {}, {}, []
         for layer, block in enumerate(self.blocks):
             if layer in self.memory_layers:
-                prefix = prefixes[layer] = self.memory_prefix(state, layer)
+                prefix = self.memory_prefix(state, layer)
+                if reconstructs:  # a copy: the whole prefix is not kept for it
+                    targets[layer] = tuple(t[:, :, evicted].detach().clone(
+                        memory_format=torch.contiguous_format) for t in prefix)
                 num_keys, valid = num_cmem + num_mem + length, key_valid
                 usage_columns = (num_cmem, num_cmem + num_mem) if most_used else None
             else:
@@ -673,8 +699,9 @@ class CompressiveTransformer(MemoryLM):
         usage = torch.stack(usages) if usages else None
         next_state, compression = self.commit(state, self.written_states(hiddens), usage)
         aux_loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        if compression is not None and self.training and self.reconstructs():
-            aux_loss = self.reconstruction_loss(queries, prefixes, num_cmem, compression)
+        if reconstructs:
+            assert compression is not None and compression.num_evicted == num_evicted
+            aux_loss = self.reconstruction_loss(queries, targets, compression)
         return logits, next_state, aux_loss
 
     def reconstructs(self) -> bool:
@@ -685,23 +712,19 @@ class CompressiveTransformer(MemoryLM):
     def reconstruction_loss(
         self,
         queries: dict[int, Tensor],
-        prefixes: dict[int, KeyValue | None],
-        num_cmem: int,
+        targets: dict[int, KeyValue],
         compression: Compression,
     ) -> Tensor:
         """``reconstruction_loss_weight`` x the mean over memory layers of
-        :func:`attention_reconstruction_loss` (see the module docstring)."""
+        :func:`attention_reconstruction_loss` (see the module docstring); ``targets`` are the
+        keys and values of the evicted memories, per memory layer."""
         cfg = self.config
-        evicted = slice(num_cmem, num_cmem + compression.num_evicted)  # columns of the prefix
         total = torch.zeros((), device=compression.evicted_valid.device)
         for j, layer in enumerate(self.memory_layers):
             attn = self.blocks[layer].attn
-            prefix = prefixes[layer]
-            assert prefix is not None  # something was evicted, so the memory was not empty
-            target = (prefix[0][:, :, evicted].detach(), prefix[1][:, :, evicted].detach())
             total = total + attention_reconstruction_loss(
                 queries[layer].detach(),
-                target,
+                targets[layer],
                 compression.evicted_valid,
                 attn.project_kv(compression.compressed[j], detach_weights=True),
                 compression.compressed_valid,

@@ -578,3 +578,17 @@ def test_bad_state(bad_state_model, state, message):
     with pytest.raises(memtx.StateError, match=message):
         bad_state_model(torch.zeros(1, 4, dtype=torch.long), state=state)
     assert bad_state_model(torch.zeros(1, 4, dtype=torch.long), state=_state()).logits.shape == (1, 4, 64)
+
+
+def test_memories_hold_no_storage_beyond_their_own_entries():
+    # the next memory is built at its own size: a view of [memory; segment] would keep the
+    # evicted entries (and, for the compressed memory, the dropped ones) alive in every state
+    model = build(seq_len=4, mem_len=8, cmem_len=4, compress_ratio=2).train()
+    tokens = torch.randint(0, 64, (2, 4 * 5 + 1))
+    state = None
+    for s in range(5):
+        out = model(tokens[:, 4 * s : 4 * s + 4], state, targets=tokens[:, 4 * s + 1 : 4 * s + 5])
+        state = out.state
+    assert state.mem.shape[2] == 8 and state.cmem.shape[2] == 4
+    for t in (state.mem, state.cmem):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
