@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from memtx.ops.attention import relative_memory_attention
+from memtx.ops.norm import layer_norm_linear
 
 KeyValue = tuple[Tensor, Tensor]  # (B, H, N, D) keys and values
 
@@ -115,9 +116,12 @@ class RelativeMemoryAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def project_kv(self, h: Tensor) -> KeyValue:
-        """Keys and values (B, H, N, D) of normalised hidden states ``h`` (B, N, E)."""
-        k, v = self.to_kv(h).chunk(2, dim=-1)
+    def project_kv(self, h: Tensor, norm: nn.LayerNorm | None = None) -> KeyValue:
+        """Keys and values (B, H, N, D) of normalised hidden states ``h`` (B, N, E), or of
+        ``norm(h)`` (fused with the projection for a memory: see
+        :func:`memtx.ops.norm.layer_norm_linear`)."""
+        kv = self.to_kv(h) if norm is None else layer_norm_linear(h, norm, self.to_kv)
+        k, v = kv.chunk(2, dim=-1)
         return self._split_heads(k), self._split_heads(v)
 
     def project_positions(self, pos_emb: Tensor) -> Tensor:

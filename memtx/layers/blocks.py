@@ -39,7 +39,7 @@ class RelativeMemoryBlock(nn.Module):
 
     def memory_kv(self, mem: Tensor) -> KeyValue:
         """Keys and values (B, H, M, D) of this layer's memory (B, M, E)."""
-        return self.attn.project_kv(self.attn_norm(mem))
+        return self.attn.project_kv(mem, norm=self.attn_norm)
 
     def forward(
         self,

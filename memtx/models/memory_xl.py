@@ -70,6 +70,7 @@ from memtx.layers.feedforward import FeedForward
 from memtx.layers.gating import NBRC, GatedResidual
 from memtx.modeling import MemoryLM
 from memtx.ops.attention import memory_attention, relative_memory_attention
+from memtx.ops.norm import layer_norm_linear, layer_norm_linear_fuses
 from memtx.ops.position import relative_distances, sinusoid
 from memtx.reference import register_converter
 from memtx.registry import register
@@ -283,9 +284,11 @@ class MemoryXLAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def project_kv(self, h: Tensor) -> KeyValue:
-        """Keys and values (B, H or 1, N, D) of (B, N, E)."""
-        k, v = self.to_kv(h).chunk(2, dim=-1)
+    def project_kv(self, h: Tensor, norm: nn.LayerNorm | None = None) -> KeyValue:
+        """Keys and values (B, H or 1, N, D) of (B, N, E), or of ``norm(h)`` (fused with the
+        projection for a memory: see :func:`memtx.ops.norm.layer_norm_linear`)."""
+        kv = self.to_kv(h) if norm is None else layer_norm_linear(h, norm, self.to_kv)
+        k, v = kv.chunk(2, dim=-1)
         return self._split(k, self.kv_heads), self._split(v, self.kv_heads)
 
     def project_positions(self, sinusoids: Tensor) -> Tensor:
@@ -367,16 +370,24 @@ class MemoryXLBlock(nn.Module):
     def memory_kv(self, memory: Tensor | None, batch_size: int) -> KeyValue:
         """Keys and values of ``[mem_kv; memory]``; memory (B, P, E) or None. With
         ``checkpoint_attention`` the normalised memory is rebuilt in backward as well, so that
-        only ``memory`` itself is kept for it."""
-        if memory is not None and self.attn.checkpoint and torch.is_grad_enabled():
+        only ``memory`` itself is kept for it; a memory that is a constant goes through
+        :func:`memtx.ops.norm.layer_norm_linear`, which keeps only that already."""
+        if (memory is not None and self.attn.checkpoint and torch.is_grad_enabled()
+                and not (self.norm_memory
+                         and layer_norm_linear_fuses(memory, self.attn_norm, self.attn.to_kv))):
             return checkpoint(self._memory_kv, memory, batch_size, use_reentrant=False)
         return self._memory_kv(memory, batch_size)
 
     def _memory_kv(self, memory: Tensor | None, batch_size: int) -> KeyValue:
-        parts = [self.attn.mem_kv.expand(batch_size, -1, -1)]
-        if memory is not None:
-            parts.append(self.attn_norm(memory) if self.norm_memory else memory)
-        return self.attn.project_kv(torch.cat(parts, dim=1))
+        learned = self.attn.mem_kv.expand(batch_size, -1, -1)
+        if memory is None:
+            return self.attn.project_kv(learned)
+        if not self.norm_memory:
+            return self.attn.project_kv(torch.cat((learned, memory), dim=1))
+        # projected apart: a memory that is a constant needs no input gradient (the learned
+        # rows would make autograd form one for every row of the concatenation)
+        fixed, stored = self.attn.project_kv(learned), self.attn.project_kv(memory, self.attn_norm)
+        return tuple(torch.cat(pair, dim=2) for pair in zip(fixed, stored))
 
     def forward(self, x: Tensor, kv_prefix: KeyValue | KeyValueCache, key_valid: Tensor | None,
                 **positions: Tensor | None) -> tuple[Tensor, KeyValue]:
