@@ -157,7 +157,11 @@ def test_relative_attention_float32_and_bfloat16_autocast(recompute):
 def test_relative_attention_recompute_keeps_no_attention_weights_for_backward():
     batch, heads, length, mem = 2, 4, 128, 128
     qc, qp, k, v, r, _ = _rel_inputs(batch, heads, length, mem, 0)
-    weight_bytes = batch * heads * length * (mem + length) * qc.element_size()
+    # the kept weights: every chunk of queries against the keys up to its last query
+    chunks = attention_ops._query_chunks(length, mem + length, mem + length, causal=True)
+    assert len(chunks) == 2 and chunks[0][2] < mem + length  # the test covers skipped keys
+    weight_bytes = sum(batch * heads * (q1 - q0) * keys * qc.element_size()
+                       for q0, q1, keys, _ in chunks)
 
     def saved_bytes(recompute):
         saved = []
@@ -322,20 +326,28 @@ def test_relative_attention_backward_twice_gives_the_same_gradients(recompute):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("query_chunk", [64, 2], ids=["one-query-chunk", "query-chunks-of-2"])
 @pytest.mark.parametrize("matrices", [1, 2, 8], ids=["single-heads", "head-pairs", "two-rows"])
-@pytest.mark.parametrize("length,mem,extra", [(6, 5, 0), (6, 4, 3), (1, 6, 0), (1, 4, 3)],
-                         ids=["T6", "T6-keys-without-positions", "T1", "T1-keys-without-positions"])
+@pytest.mark.parametrize("length,mem,extra", [(6, 5, 0), (7, 4, 3), (1, 6, 0), (1, 4, 3)],
+                         ids=["T6", "T7-keys-without-positions", "T1", "T1-keys-without-positions"])
 @pytest.mark.parametrize("use_valid", [False, True], ids=["all-valid", "padded-memory"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-weights", "recompute"])
-def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, matrices, length, mem,
-                                                                  extra, use_valid, recompute):
+def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, query_chunk, matrices,
+                                                                  length, mem, extra, use_valid,
+                                                                  recompute):
     # blocks of `matrices` (T, K) score matrices: a few heads of one row, or whole rows (4 heads
-    # per row, 3 rows: the last block of two rows is one row)
+    # per row, 3 rows: the last block of two rows is one row); with chunks of 2 queries a
+    # segment of 6 or 7 is cut in 3 chunks (7: 2, 3, 2), each seeing only the keys up to its
+    # last query
     batch, heads = 3, 4
+    monkeypatch.setattr(attention_ops, "_QUERY_CHUNK", query_chunk)
     qc, qp, k, v, r, valid = _rel_inputs(batch, heads, length, mem, extra, seed=3)
     keys = k.shape[-2]
-    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * length * keys * 8)
-    blocks = attention_ops._head_blocks(batch, heads, length * keys * 8, torch.device("cpu"))
+    chunks = attention_ops._query_chunks(length, keys, r.shape[-2], causal=length > 1)
+    assert len(chunks) == (3 if query_chunk == 2 and length > 1 else 1)
+    rows = max(q1 - q0 for q0, q1, *_ in chunks)  # the op sizes its blocks by the largest chunk
+    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * rows * keys * 8)
+    blocks = attention_ops._head_blocks(batch, heads, rows * keys * 8, torch.device("cpu"))
     assert blocks[0][1] - blocks[0][0] == matrices and len(blocks) == -(-batch * heads // matrices)
     kwargs = dict(key_valid=valid if use_valid else None, scale=0.41)
     fast = relative_memory_attention(qc, qp, k, v, r, recompute=recompute, **kwargs)
