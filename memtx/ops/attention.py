@@ -369,7 +369,7 @@ class _RelativeAttention(torch.autograd.Function):
                     pos_buf, block, (q1 - q0, keys, pos))
                 if w_done is not w:  # a softmax that is not in place (one block)
                     w = kept[c] = w_done
-                torch.bmm(w, v3[start:stop, :keys], out=out[start:stop, q0:q1])
+                _bmm_into(w, v3[start:stop, :keys], out[start:stop, q0:q1])
         if mode == "recompute":  # backward rebuilds each block's weights the same way
             ctx.save_for_backward(qc3, qp3, k3, v3, r, out, blocked)
         elif keep:
@@ -433,7 +433,7 @@ class _RelativeAttention(torch.autograd.Function):
                     grad_scores = torch.bmm(g, v_c.transpose(1, 2),
                                             out=_buffer(grad_buf, size, q1 - q0, keys))
                     grad_scores.sub_(delta[rows, q0:q1]).mul_(w)
-                    torch.bmm(grad_scores, k_c, out=grad_qc[rows, q0:q1])
+                    _bmm_into(grad_scores, k_c, grad_qc[rows, q0:q1])
                     _bmm_into(grad_scores.transpose(1, 2), qc_c, grad_k[rows, :keys], first)
                     grad_pos_keys = grad_scores[..., keys - pos:]
                     if q1 - q0 > 1:
@@ -446,7 +446,7 @@ class _RelativeAttention(torch.autograd.Function):
                         view[:, 1:, 0].copy_(grad_pos_keys[:, 1:, 0])
                     else:
                         grad_pos = grad_pos_keys
-                    torch.bmm(grad_pos, r_c, out=grad_qp[rows, q0:q1])
+                    _bmm_into(grad_pos, r_c, grad_qp[rows, q0:q1])
                     if grad_r is not None:  # sums over the batch and the chunks
                         target = grad_r[h0:h1, num_pos - pos:]
                         for row in _block_rows(block):
@@ -465,14 +465,14 @@ def _buffer(flat: Tensor, *shape: int) -> Tensor:
     return flat[: math.prod(shape)].view(shape)
 
 
-def _bmm_into(a: Tensor, b: Tensor, out: Tensor, overwrite: bool) -> None:
-    """``out = a @ b`` or ``out += a @ b`` (batched). ``out`` may be a strided slice, into
-    which ``baddbmm_`` would run one small matmul per matrix: the product is formed apart
-    and added."""
-    if overwrite:
-        torch.bmm(a, b, out=out)
-    elif out.is_contiguous():
-        out.baddbmm_(a, b)
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor, overwrite: bool = True) -> None:
+    """``out = a @ b`` or ``out += a @ b`` (batched). ``out`` may be a strided slice (a chunk
+    of queries or keys), into which ``bmm(out=)`` and ``baddbmm_`` run one small matmul per
+    matrix: the product is then formed apart and copied or added."""
+    if out.is_contiguous():
+        torch.bmm(a, b, out=out) if overwrite else out.baddbmm_(a, b)
+    elif overwrite:
+        out.copy_(torch.bmm(a, b))
     else:
         out.add_(torch.bmm(a, b))
 
