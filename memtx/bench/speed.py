@@ -7,9 +7,14 @@ Measures, for a given architecture and config:
 * streaming generation tokens/s near the 64th and the 1024th generated token (their ratio shows
   whether per-token cost grows with the length generated);
 * the fraction of this machine's fp32 matmul rate that training reaches, counting FLOPs as
-  ``6 x non-embedding params x tokens + 12 x layers x heads x head_dim x keys x tokens``
-  (the position-score matmuls of relative attention are real work but are *not* counted, so the
-  fraction is a lower bound);
+  ``6 x non-embedding params x tokens + 6 x matmuls x layers x heads x head_dim x keys x tokens``
+  where the attention matmuls per layer are the scores and the weighted sum, plus the
+  relative-position scores ``q . r`` of models that compute them as a matmul (Transformer-XL
+  and its relatives with sinusoid positions: 3), and keys is the mean number a query may see
+  (``mem_len + (seq_len + 1) / 2``). Still a lower bound for memory models: the projection of
+  the memory into keys and values each step (forward and weight gradient over the memory rows)
+  is not counted, nor are compression and memory writing; the position projection is counted
+  as if applied to every token, which overcounts by less than the memory projection omits;
 * peak memory of steady-state training steps (memory filled), each contender in a fresh
   subprocess.
 
@@ -149,14 +154,20 @@ def generation_profile(model: memtx.MemoryLM, num_tokens: int, batch_size: int =
     }
 
 
+def attention_matmuls(model: memtx.MemoryLM) -> int:
+    """Matmuls of one attention layer that grow with the keys: scores and weighted sum, and the
+    relative-position scores where a position projection (``to_r``) exists."""
+    return 3 if any(hasattr(module, "to_r") for module in model.modules()) else 2
+
+
 def training_flops_per_step(model: memtx.MemoryLM, batch_size: int) -> float:
-    """``6 N T + 12 L H D_h K T`` (see module docstring) for one training step."""
+    """``6 N T + 6 m L H D_h k T`` (see module docstring) for one training step."""
     cfg = model.config
     tokens = batch_size * cfg.seq_len
     heads = getattr(cfg, "resolved_heads", None) or cfg.heads or 1
     head_dim = getattr(cfg, "head_dim", None) or cfg.dim // heads
     keys = getattr(cfg, "mem_len", 0) + (cfg.seq_len + 1) / 2  # mean keys per query
-    attention = 12 * cfg.depth * heads * head_dim * keys * tokens
+    attention = 6 * attention_matmuls(model) * cfg.depth * heads * head_dim * keys * tokens
     return 6 * model.num_parameters(non_embedding=True) * tokens + attention
 
 

@@ -23,8 +23,15 @@ def test_speed_harness_quick(tmp_path):
 
 
 def test_flop_count_matches_the_formula():
+    # Transformer-XL: scores, weighted sum and relative-position scores, 3 matmuls per layer
     model = memtx.build("transformer_xl", dim=32, depth=2, heads=4, seq_len=8, mem_len=6)
     n = model.num_parameters(non_embedding=True)
     tokens = 3 * 8
-    expected = 6 * n * tokens + 12 * 2 * 4 * 8 * (6 + 4.5) * tokens
+    expected = 6 * n * tokens + 6 * 3 * 2 * 4 * 8 * (6 + 4.5) * tokens
     assert speed.training_flops_per_step(model, 3) == expected
+    # Memory-XL with a learned position table: its position scores are a lookup, 2 matmuls
+    learned = memtx.build("memory_xl", dim=32, depth=2, heads=4, seq_len=8, mem_len=8,
+                          lmem_len=4, positions="learned")
+    assert speed.attention_matmuls(learned) == 2
+    assert speed.attention_matmuls(memtx.build("memory_xl", dim=32, depth=2, heads=4, seq_len=8,
+                                               mem_len=8, lmem_len=4)) == 3
