@@ -176,17 +176,6 @@ def _shifted(base: Tensor, num_queries: int, num_pos: int) -> Tensor:
                            base.storage_offset() + num_queries - 1)
 
 
-def _flatten_heads(qc, qp, k, v, r, scale):
-    """The inputs of the relative-attention nodes as (B H, ., D) batches for ``bmm``: content
-    queries, position queries times ``scale``, keys, values, and ``r`` (H, P, D) repeated over
-    the batch (small; for one batch row a view)."""
-    batch, heads, num_queries, dim = qc.shape
-    n = batch * heads
-    return (qc.reshape(n, num_queries, dim), (qp * scale).reshape(n, num_queries, dim),
-            k.reshape(n, k.shape[-2], dim), v.reshape(n, v.shape[-2], v.shape[-1]),
-            r.expand(batch, -1, -1, -1).reshape(n, r.shape[-2], dim))
-
-
 def softmax_in_place(scores: Tensor) -> Tensor:
     """Softmax over the last dim, into ``scores``'s own storage on CPU (the kernel works row by
     row, so no (B H, T, K) temporary beside the scores; tested to equal the out-of-place
@@ -194,34 +183,6 @@ def softmax_in_place(scores: Tensor) -> Tensor:
     if scores.device.type == "cpu":
         return torch.softmax(scores, dim=-1, out=scores)
     return torch.softmax(scores, dim=-1)
-
-
-def _softmax_attention_backward(grad_out, weights, out, v3):
-    """``(grad_v, grad_scores)`` of ``out = softmax(S) v`` from the weights and the output,
-    all (B H, ., .). The softmax backward is formed in place: dS = W * (dW - sum_j dW_ij W_ij),
-    where the row sum is sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product instead of
-    another (B H, T, K) tensor. Masked entries have weight 0, so their score gradient is 0."""
-    grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
-    delta = (grad_out * out).sum(-1, keepdim=True)  # (B H, T, 1)
-    grad_scores = torch.bmm(grad_out, v3.transpose(1, 2)).sub_(delta).mul_(weights)
-    return grad_v, grad_scores
-
-
-def _position_backward(grad_pos, qp3, r3, scale, batch, need_r):
-    """``(grad_qp, grad_r)`` of position scores ``qp3 r3^T`` (``qp3`` already scaled) from their
-    gradient ``grad_pos`` (B H, T, P); ``grad_r`` (H, P, D) sums over the batch without a
-    permuted copy, or is None unless ``need_r``."""
-    n, num_queries, dim = qp3.shape
-    heads = n // batch
-    grad_qp = torch.bmm(grad_pos, r3).mul_(scale).view(batch, heads, num_queries, dim)
-    if not need_r:
-        return grad_qp, None
-    grad_pos = grad_pos.view(batch, heads, num_queries, -1)
-    qp4 = qp3.view(batch, heads, num_queries, dim)
-    grad_r = torch.bmm(grad_pos[0].transpose(1, 2), qp4[0])
-    for b in range(1, batch):
-        grad_r.baddbmm_(grad_pos[b].transpose(1, 2), qp4[b])
-    return grad_qp, grad_r
 
 
 # score matrices per step of the blocked loops below: a block of (T, K) scores and its
@@ -593,31 +554,48 @@ def relative_memory_attention_ref(
 # Relative attention at per-pair distances (memories whose entries are not contiguous)
 # ============================================================================================
 class _PairwiseRelativeAttention(torch.autograd.Function):
-    """Forward and backward of :func:`pairwise_relative_attention` written out: the scores are
-    made once (gathered position scores, the score bias added and the content matmul
-    accumulated in place), the softmax gradient is formed in place from ``dO . O`` row sums,
-    and the position-table gradient is one scatter-add of the score gradient. Through autograd
-    the same computation makes about three more (B, H, T, K) tensors per layer (the bias sum,
-    the masked copy, the softmax backward) and a zero-filled scatter target for the gather."""
+    """Forward and backward of :func:`pairwise_relative_attention` written out, over blocks of
+    heads (:func:`_head_blocks`) so that a block's work happens in cache: per block the
+    position table ``qp . r`` (T, N) is made in one reused buffer, gathered at the pairs'
+    distances into the scores, the score bias added and the content matmul accumulated in
+    place, then the softmax in place; in backward the softmax gradient is formed in place from
+    ``dO . O`` row sums and the table gradient is one scatter-add into the reused buffer. The
+    attention weights are the only (B, H, T, K) tensor. Through autograd the same computation
+    makes about three more (B, H, T, K) tensors per layer (the bias sum, the masked copy, the
+    softmax backward) and a zero-filled (B, H, T, N) scatter target for the gather."""
 
     @staticmethod
     def forward(ctx, qc, qp, k, v, r, distances, bias, scale):
         with no_autocast(qc.device.type):
-            batch, heads, num_queries, _ = qc.shape
+            batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
             n = batch * heads
-            qc3, qp3, k3, v3, r3 = _flatten_heads(qc, qp, k, v, r, scale)
-            table = torch.bmm(qp3, r3.transpose(1, 2)).view(batch, heads, num_queries, num_dist)
-            index = distances[:, None].expand(-1, heads, -1, -1)  # (B, H, T, K), no copy
-            scores = torch.gather(table, -1, index)
-            del table
-            scores.add_(bias[:, None])
-            scores = scores.view(n, num_queries, num_keys)
-            scores.baddbmm_(qc3, k3.transpose(1, 2), alpha=scale)
-            weights = softmax_in_place(scores)
-            del scores
-            out = torch.bmm(weights, v3)
-        ctx.save_for_backward(weights, qc3, qp3, k3, v3, r3, out, distances)
+            qc3 = (qc * scale).reshape(n, num_queries, dim)
+            qp3 = (qp * scale).reshape(n, num_queries, dim)
+            k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+            blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
+                                  * qc.element_size(), qc.device)
+            largest = max(stop - start for start, stop, *_ in blocks)
+            table_buf = qc3.new_empty(largest * num_queries * num_dist)
+            weights = qc3.new_empty(n, num_queries, num_keys)
+            out = qc3.new_empty(n, num_queries, v.shape[-1])
+            positions = _block_positions(r, blocks)
+            for block in blocks:
+                start, stop, b0, b1, h0, h1 = block
+                shape4 = (b1 - b0, h1 - h0, num_queries)
+                table = torch.bmm(qp3[start:stop], positions(block).transpose(1, 2),
+                                  out=_buffer(table_buf, stop - start, num_queries, num_dist))
+                index = distances[b0:b1, None].expand(*shape4, num_keys)  # no copy
+                w = weights[start:stop]
+                torch.gather(table.view(*shape4, num_dist), -1, index,
+                             out=w.view(*shape4, num_keys))
+                w.view(*shape4, num_keys).add_(bias[b0:b1, None])
+                w.baddbmm_(qc3[start:stop], k3[start:stop].transpose(1, 2))
+                w = softmax_in_place(w)
+                if w is not weights[start:stop]:  # a softmax that is not in place
+                    weights[start:stop] = w
+                torch.bmm(w, v3[start:stop], out=out[start:stop])
+        ctx.save_for_backward(weights, qc3, qp3, k3, v3, r, out, distances)
         ctx.scale = scale
         ctx.shape = (batch, heads, num_queries, num_keys, num_dist)
         return out.view(batch, heads, num_queries, -1)
@@ -625,26 +603,50 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         batch, heads, num_queries, num_keys, num_dist = ctx.shape
-        weights, qc3, qp3, k3, v3, r3, out, distances = ctx.saved_tensors
-        scale = ctx.scale
+        weights, qc3, qp3, k3, v3, r, out, distances = ctx.saved_tensors
         n = batch * heads
         grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
-        # pairs with bias -inf have weight 0 and get score gradient 0
-        grad_v, grad_scores = _softmax_attention_backward(grad_out, weights, out, v3)
-        del weights
-        grad_bias = None
-        if ctx.needs_input_grad[6]:
-            grad_bias = grad_scores.view(batch, heads, num_queries, num_keys).sum(1)
-        grad_qc = torch.bmm(grad_scores, k3).mul_(scale)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), qc3).mul_(scale)
-        index = distances[:, None].expand(-1, heads, -1, -1)
-        grad_table = grad_scores.new_zeros(batch, heads, num_queries, num_dist).scatter_add_(
-            -1, index, grad_scores.view(batch, heads, num_queries, num_keys)
-        )
-        del grad_scores
-        grad_qp, grad_r = _position_backward(grad_table.view(n, num_queries, num_dist), qp3, r3,
-                                             scale, batch, ctx.needs_input_grad[4])
-        return (grad_qc.view(batch, heads, num_queries, -1), grad_qp,
+        with no_autocast(out.device.type):
+            # softmax backward as in _RelativeAttention; pairs with bias -inf have weight 0
+            # and get score gradient 0
+            delta = (grad_out * out).sum(-1, keepdim=True)
+            grad_qc, grad_qp = torch.empty_like(qc3), torch.empty_like(qp3)
+            grad_k, grad_v = torch.empty_like(k3), torch.empty_like(v3)
+            grad_r = torch.zeros_like(r) if ctx.needs_input_grad[4] else None
+            grad_bias = (weights.new_zeros(batch, num_queries, num_keys)
+                         if ctx.needs_input_grad[6] else None)
+            blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
+                                  * out.element_size(), out.device)
+            largest = max(stop - start for start, stop, *_ in blocks)
+            grad_buf = out.new_empty(largest * num_queries * num_keys)
+            table_buf = out.new_empty(largest * num_queries * num_dist)
+            positions = _block_positions(r, blocks)
+            for block in blocks:
+                start, stop, b0, b1, h0, h1 = block
+                size, shape4 = stop - start, (b1 - b0, h1 - h0, num_queries)
+                w, g = weights[start:stop], grad_out[start:stop]
+                torch.bmm(w.transpose(1, 2), g, out=grad_v[start:stop])
+                grad_scores = torch.bmm(g, v3[start:stop].transpose(1, 2),
+                                        out=_buffer(grad_buf, size, num_queries, num_keys))
+                grad_scores.sub_(delta[start:stop]).mul_(w)
+                if grad_bias is not None:  # shared by the heads
+                    grad_bias[b0:b1] += grad_scores.view(*shape4, num_keys).sum(1)
+                torch.bmm(grad_scores, k3[start:stop], out=grad_qc[start:stop])
+                torch.bmm(grad_scores.transpose(1, 2), qc3[start:stop], out=grad_k[start:stop])
+                index = distances[b0:b1, None].expand(*shape4, num_keys)
+                grad_table = _buffer(table_buf, size, num_queries, num_dist).zero_()
+                grad_table.view(*shape4, num_dist).scatter_add_(
+                    -1, index, grad_scores.view(*shape4, num_keys))
+                torch.bmm(grad_table, positions(block), out=grad_qp[start:stop])
+                if grad_r is not None:  # sums over the batch, in place
+                    qp_block = qp3[start:stop]
+                    for rows in _block_rows(block):
+                        grad_r[h0:h1].baddbmm_(grad_table[rows].transpose(1, 2), qp_block[rows])
+            scale = ctx.scale
+            grad_qc.mul_(scale)  # the saved queries were scaled, their gradients are not yet
+            grad_qp.mul_(scale)
+        return (grad_qc.view(batch, heads, num_queries, -1),
+                grad_qp.view(batch, heads, num_queries, -1),
                 grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
                 grad_r, None, grad_bias, None)
 

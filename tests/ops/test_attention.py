@@ -358,3 +358,23 @@ def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, qu
         assert rel_rms(g_fast, g_ref) < 1e-10, name
     with torch.no_grad():  # inference keeps one block of weights at a time
         assert rel_rms(relative_memory_attention(qc, qp, k, v, r, **kwargs), ref) < 1e-10
+
+
+@pytest.mark.parametrize("matrices", [1, 2, 8], ids=["single-heads", "head-pairs", "two-rows"])
+@pytest.mark.parametrize("length,keys,table", [(6, 9, 13), (1, 7, 10)], ids=["T6", "T1"])
+def test_pairwise_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, matrices,
+                                                                          length, keys, table):
+    # 3 rows of 4 heads in blocks of `matrices` (the last block of two rows is one row)
+    batch, heads = 3, 4
+    qc, qp, k, v, r, distances, bias = _pairwise_inputs(batch, heads, length, keys, table, heads,
+                                                         seed=5)
+    matrix_bytes = length * max(keys, table) * 8
+    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * matrix_bytes)
+    blocks = attention_ops._head_blocks(batch, heads, matrix_bytes, torch.device("cpu"))
+    assert blocks[0][1] - blocks[0][0] == matrices and len(blocks) == -(-batch * heads // matrices)
+    fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37)
+    ref = pairwise_relative_attention_ref(qc, qp, k, v, r, distances, bias, scale=0.37)
+    assert rel_rms(fast, ref) < 1e-10
+    inputs = [qc, qp, k, v, r, bias]
+    for name, g_fast, g_ref in zip("qc qp k v r bias".split(), grads(fast, inputs), grads(ref, inputs)):
+        assert rel_rms(g_fast, g_ref) < 1e-10, name
