@@ -309,6 +309,12 @@ class _RelativeAttention(torch.autograd.Function):
         qc3 = (qc * scale).reshape(n, num_queries, dim)
         qp3 = (qp * scale).reshape(n, num_queries, dim)
         k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+        if num_queries == 1 and mode == "none":  # a streamed token: one block, no slicing
+            w = _RelativeAttention._block_weights(
+                qc3.new_empty(n, 1, num_keys), qc3, qp3, k3,
+                r if batch == 1 else r.repeat(batch, 1, 1), blocked, None,
+                (0, n, 0, batch, 0, heads), (1, num_keys, num_pos))
+            return torch.bmm(w, v3).view(batch, heads, 1, -1)
         chunks = _query_chunks(num_queries, num_keys, num_pos, blocked is not None)
         rows = max(q1 - q0 for q0, q1, *_ in chunks)  # queries of the largest chunk
         blocks = _head_blocks(batch, heads, rows * num_keys * qc.element_size(), qc.device)
@@ -565,7 +571,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     softmax backward) and a zero-filled (B, H, T, N) scatter target for the gather."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, r, distances, bias, scale):
+    def forward(ctx, qc, qp, k, v, r, distances, bias, scale, keep):
         with no_autocast(qc.device.type):
             batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
@@ -573,6 +579,13 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             qc3 = (qc * scale).reshape(n, num_queries, dim)
             qp3 = (qp * scale).reshape(n, num_queries, dim)
             k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+            if num_queries == 1 and not keep:  # a streamed token: one block, nothing kept
+                table = torch.bmm(qp3, (r if batch == 1 else r.repeat(batch, 1, 1)).transpose(1, 2))
+                index = distances[:, None].expand(batch, heads, 1, num_keys)
+                w = torch.gather(table.view(batch, heads, 1, num_dist), -1, index)
+                w.add_(bias[:, None]).view(n, 1, num_keys).baddbmm_(qc3, k3.transpose(1, 2))
+                w = softmax_in_place(w.view(n, 1, num_keys))
+                return torch.bmm(w, v3).view(batch, heads, 1, -1)
             blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
                                   * qc.element_size(), qc.device)
             largest = max(stop - start for start, stop, *_ in blocks)
@@ -648,7 +661,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
         return (grad_qc.view(batch, heads, num_queries, -1),
                 grad_qp.view(batch, heads, num_queries, -1),
                 grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
-                grad_r, None, grad_bias, None)
+                grad_r, None, grad_bias, None, None)
 
 
 def pairwise_relative_attention(
@@ -705,9 +718,11 @@ def pairwise_relative_attention(
         scores = gather_position_scores(q_position * scale, r, distances) + bias[:, None]
         return memory_attention(q_content, k, v, bias=scores, scale=scale, dropout_p=dropout_p,
                                 causal=False)
+    keep = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q_content, q_position, k, v, r, bias))
     return _PairwiseRelativeAttention.apply(
         q_content, q_position.to(dtype), k.to(dtype), v.to(dtype), r.to(dtype), distances,
-        bias.to(dtype), scale,
+        bias.to(dtype), scale, keep,
     )
 
 
