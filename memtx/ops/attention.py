@@ -185,6 +185,34 @@ def softmax_in_place(scores: Tensor) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+def _flatten_heads(qc, qp, k, v, scale):
+    """Queries (both scaled), keys and values of the attention nodes as (B H, ., D) batches."""
+    batch, heads, num_queries, dim = qc.shape
+    n = batch * heads
+    return ((qc * scale).reshape(n, num_queries, dim), (qp * scale).reshape(n, num_queries, dim),
+            k.reshape(n, k.shape[-2], dim), v.reshape(n, v.shape[-2], v.shape[-1]))
+
+
+def _backward_start(grad_out, out, qc3, qp3, k3, v3, r, need_r):
+    """What both attention nodes' backward passes begin with: the output gradient as
+    (B H, T, D), the softmax-backward row sums ``delta`` and the gradient tensors (``grad_r``
+    zeroed, or None). The softmax backward is dS = W * (dW - sum_j dW_ij W_ij), where the row
+    sum is sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product; pairs with weight 0 (masked)
+    get score gradient 0."""
+    grad_out = grad_out.reshape(out.shape).to(out.dtype)
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    grads = (torch.empty_like(qc3), torch.empty_like(qp3), torch.empty_like(k3),
+             torch.empty_like(v3), torch.zeros_like(r) if need_r else None)
+    return grad_out, delta, grads
+
+
+def _backward_end(grad_qc, grad_qp, grad_k, grad_v, scale, batch, heads):
+    """The query, key and value gradients as (B, H, ., D): the saved queries were scaled, so
+    their gradients take the scale here."""
+    return tuple(g.view(batch, heads, g.shape[1], -1)
+                 for g in (grad_qc.mul_(scale), grad_qp.mul_(scale), grad_k, grad_v))
+
+
 # score matrices per step of the blocked loops below: a block of (T, K) scores and its
 # (T, P) position scores stay in cache while the mask, softmax and matmuls pass over them
 _BLOCK_BYTES = 8 << 20
@@ -306,9 +334,7 @@ class _RelativeAttention(torch.autograd.Function):
         batch, heads, num_queries, dim = qc.shape
         num_keys, num_pos = k.shape[-2], r.shape[-2]
         n = batch * heads
-        qc3 = (qc * scale).reshape(n, num_queries, dim)
-        qp3 = (qp * scale).reshape(n, num_queries, dim)
-        k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+        qc3, qp3, k3, v3 = _flatten_heads(qc, qp, k, v, scale)
         if num_queries == 1 and mode == "none":  # a streamed token: one block, no slicing
             w = _RelativeAttention._block_weights(
                 qc3.new_empty(n, 1, num_keys), qc3, qp3, k3,
@@ -355,15 +381,9 @@ class _RelativeAttention(torch.autograd.Function):
         else:
             qc3, qp3, k3, v3, r, out, *kept = ctx.saved_tensors  # one tensor per query chunk
             blocked = None
-        n = batch * heads
-        grad_out = grad_out.reshape(n, num_queries, -1).to(out.dtype)
         with no_autocast(out.device.type):
-            # softmax backward: dS = W * (dW - sum_j dW_ij W_ij), where the row sum is
-            # sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product
-            delta = (grad_out * out).sum(-1, keepdim=True)
-            grad_qc, grad_qp = torch.empty_like(qc3), torch.empty_like(qp3)
-            grad_k, grad_v = torch.empty_like(k3), torch.empty_like(v3)
-            grad_r = torch.zeros_like(r) if ctx.needs_input_grad[4] else None
+            grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
+                grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
             # the forward pass's chunks (it had the mask when it chunked)
             chunks = _query_chunks(num_queries, num_keys, num_pos,
                                    blocked is not None if kept is None else len(kept) > 1)
@@ -418,12 +438,7 @@ class _RelativeAttention(torch.autograd.Function):
                         target = grad_r[h0:h1, num_pos - pos:]
                         for row in _block_rows(block):
                             _bmm_into(grad_pos[row].transpose(1, 2), qp_c[row], target, False)
-            scale = ctx.scale
-            grad_qc.mul_(scale)  # the saved queries were scaled, their gradients are not yet
-            grad_qp.mul_(scale)
-        return (grad_qc.view(batch, heads, num_queries, -1),
-                grad_qp.view(batch, heads, num_queries, -1),
-                grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
+        return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
                 grad_r, None, None, None)
 
 
@@ -576,9 +591,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
             n = batch * heads
-            qc3 = (qc * scale).reshape(n, num_queries, dim)
-            qp3 = (qp * scale).reshape(n, num_queries, dim)
-            k3, v3 = k.reshape(n, num_keys, dim), v.reshape(n, num_keys, v.shape[-1])
+            qc3, qp3, k3, v3 = _flatten_heads(qc, qp, k, v, scale)
             if num_queries == 1 and not keep:  # a streamed token: one block, nothing kept
                 table = torch.bmm(qp3, (r if batch == 1 else r.repeat(batch, 1, 1)).transpose(1, 2))
                 index = distances[:, None].expand(batch, heads, 1, num_keys)
@@ -617,15 +630,10 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         batch, heads, num_queries, num_keys, num_dist = ctx.shape
         weights, qc3, qp3, k3, v3, r, out, distances = ctx.saved_tensors
-        n = batch * heads
-        grad_out = grad_out.reshape(n, num_queries, -1).to(weights.dtype)
         with no_autocast(out.device.type):
-            # softmax backward as in _RelativeAttention; pairs with bias -inf have weight 0
-            # and get score gradient 0
-            delta = (grad_out * out).sum(-1, keepdim=True)
-            grad_qc, grad_qp = torch.empty_like(qc3), torch.empty_like(qp3)
-            grad_k, grad_v = torch.empty_like(k3), torch.empty_like(v3)
-            grad_r = torch.zeros_like(r) if ctx.needs_input_grad[4] else None
+            # pairs with bias -inf have weight 0 and get score gradient 0
+            grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
+                grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
             grad_bias = (weights.new_zeros(batch, num_queries, num_keys)
                          if ctx.needs_input_grad[6] else None)
             blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
@@ -655,12 +663,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                     qp_block = qp3[start:stop]
                     for rows in _block_rows(block):
                         grad_r[h0:h1].baddbmm_(grad_table[rows].transpose(1, 2), qp_block[rows])
-            scale = ctx.scale
-            grad_qc.mul_(scale)  # the saved queries were scaled, their gradients are not yet
-            grad_qp.mul_(scale)
-        return (grad_qc.view(batch, heads, num_queries, -1),
-                grad_qp.view(batch, heads, num_queries, -1),
-                grad_k.view(batch, heads, num_keys, -1), grad_v.view(batch, heads, num_keys, -1),
+        return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
                 grad_r, None, grad_bias, None, None)
 
 

@@ -98,6 +98,15 @@ REL_CASES = [
 ]
 
 
+def _assert_same_outputs_and_grads(fast, ref, inputs, tol=1e-10):
+    """``fast`` equals ``ref`` in value and in its gradient for every named input."""
+    assert rel_rms(fast, ref) < tol
+    names, tensors = list(inputs), list(inputs.values())
+    for name, g_fast, g_ref in zip(names, grads(fast, tensors), grads(ref, tensors)):
+        assert torch.isfinite(g_fast).all(), name
+        assert rel_rms(g_fast, g_ref) < tol, name
+
+
 def _rel_inputs(batch, heads, length, mem, extra, dim=8, kv_heads=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     kv_heads = kv_heads or heads
@@ -123,10 +132,7 @@ def test_relative_attention_matches_reference_outputs_and_grads(batch, heads, le
     kwargs = dict(key_valid=valid if use_valid else None, scale=0.37)
     fast = relative_memory_attention(qc, qp, k, v, r, recompute=recompute, **kwargs)
     ref = relative_memory_attention_ref(qc, qp, k, v, r, **kwargs)
-    assert rel_rms(fast, ref) < 1e-10
-    inputs = [qc, qp, k, v, r]
-    for name, g_fast, g_ref in zip("qc qp k v r".split(), grads(fast, inputs), grads(ref, inputs)):
-        assert rel_rms(g_fast, g_ref) < 1e-10, name
+    _assert_same_outputs_and_grads(fast, ref, dict(qc=qc, qp=qp, k=k, v=v, r=r))
 
 
 def test_relative_attention_shared_kv_head_and_general_path():
@@ -352,10 +358,7 @@ def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, qu
     kwargs = dict(key_valid=valid if use_valid else None, scale=0.41)
     fast = relative_memory_attention(qc, qp, k, v, r, recompute=recompute, **kwargs)
     ref = relative_memory_attention_ref(qc, qp, k, v, r, **kwargs)
-    assert rel_rms(fast, ref) < 1e-10
-    inputs = [qc, qp, k, v, r]
-    for name, g_fast, g_ref in zip("qc qp k v r".split(), grads(fast, inputs), grads(ref, inputs)):
-        assert rel_rms(g_fast, g_ref) < 1e-10, name
+    _assert_same_outputs_and_grads(fast, ref, dict(qc=qc, qp=qp, k=k, v=v, r=r))
     with torch.no_grad():  # inference keeps one block of weights at a time
         assert rel_rms(relative_memory_attention(qc, qp, k, v, r, **kwargs), ref) < 1e-10
 
@@ -374,10 +377,7 @@ def test_pairwise_relative_attention_in_blocks_of_heads_matches_reference(monkey
     assert blocks[0][1] - blocks[0][0] == matrices and len(blocks) == -(-batch * heads // matrices)
     fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37)
     ref = pairwise_relative_attention_ref(qc, qp, k, v, r, distances, bias, scale=0.37)
-    assert rel_rms(fast, ref) < 1e-10
-    inputs = [qc, qp, k, v, r, bias]
-    for name, g_fast, g_ref in zip("qc qp k v r bias".split(), grads(fast, inputs), grads(ref, inputs)):
-        assert rel_rms(g_fast, g_ref) < 1e-10, name
+    _assert_same_outputs_and_grads(fast, ref, dict(qc=qc, qp=qp, k=k, v=v, r=r, bias=bias))
     with torch.no_grad():  # a streamed token takes a path of its own
         assert rel_rms(pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37),
                        ref) < 1e-10
