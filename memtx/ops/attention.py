@@ -360,8 +360,12 @@ class _RelativeAttention(torch.autograd.Function):
                     w, qc3[start:stop, q0:q1], qp3[start:stop, q0:q1], k3[start:stop, :keys],
                     r_block[:, num_pos - pos:], _chunk_mask(blocked, q0, q1, keys, num_queries),
                     pos_buf, block, (q1 - q0, keys, pos))
-                if w_done is not w:  # a softmax that is not in place (one block)
-                    w = kept[c] = w_done
+                if w_done is not w:  # a softmax that is not in place (GPU)
+                    if keep and len(blocks) == 1:
+                        kept[c] = w_done
+                    elif keep:
+                        w.copy_(w_done)
+                    w = w_done
                 _bmm_into(w, v3[start:stop, :keys], out[start:stop, q0:q1])
         if mode == "recompute":  # backward rebuilds each block's weights the same way
             ctx.save_for_backward(qc3, qp3, k3, v3, r, out, blocked)
@@ -617,9 +621,10 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                              out=w.view(*shape4, num_keys))
                 w.view(*shape4, num_keys).add_(bias[b0:b1, None])
                 w.baddbmm_(qc3[start:stop], k3[start:stop].transpose(1, 2))
+                block_weights = w
                 w = softmax_in_place(w)
-                if w is not weights[start:stop]:  # a softmax that is not in place
-                    weights[start:stop] = w
+                if w is not block_weights:  # a softmax that is not in place (GPU)
+                    block_weights.copy_(w)
                 torch.bmm(w, v3[start:stop], out=out[start:stop])
         ctx.save_for_backward(weights, qc3, qp3, k3, v3, r, out, distances)
         ctx.scale = scale

@@ -381,3 +381,22 @@ def test_pairwise_relative_attention_in_blocks_of_heads_matches_reference(monkey
     with torch.no_grad():  # a streamed token takes a path of its own
         assert rel_rms(pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37),
                        ref) < 1e-10
+
+
+@pytest.mark.parametrize("matrices", [2, 12], ids=["several-blocks", "one-block"])
+def test_attention_ops_with_a_softmax_that_is_not_in_place(monkeypatch, matrices):
+    # off the CPU the softmax makes a new tensor: the kept weights must still be the ones used
+    monkeypatch.setattr(attention_ops, "softmax_in_place", lambda scores: scores.softmax(-1))
+    monkeypatch.setattr(attention_ops, "_QUERY_CHUNK", 2)
+    qc, qp, k, v, r, valid = _rel_inputs(3, 4, 6, 5, 0, seed=7)
+    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * 6 * 11 * 8)
+    for recompute in (False, True):
+        fast = relative_memory_attention(qc, qp, k, v, r, key_valid=valid, recompute=recompute)
+        ref = relative_memory_attention_ref(qc, qp, k, v, r, key_valid=valid)
+        _assert_same_outputs_and_grads(fast, ref, dict(qc=qc, qp=qp, k=k, v=v, r=r))
+    args = _pairwise_inputs(3, 4, 6, 9, 13, 4, seed=8)
+    monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * 6 * 13 * 8)
+    fast = pairwise_relative_attention(*args)
+    ref = pairwise_relative_attention_ref(*args)
+    _assert_same_outputs_and_grads(fast, ref, dict(zip(("qc", "qp", "k", "v", "r"), args[:5]),
+                                                   bias=args[6]))
