@@ -459,6 +459,7 @@ class ExpireSpan(MemoryLM):
             bias.to(q.dtype),
             scale=attn.scale,
             dropout_p=attn.attn_dropout if self.training else 0.0,
+            causal=length > 1,  # the bias carries the causal mask (above)
         )
         out = out.transpose(1, 2).reshape(batch, length, -1)
         x = x + attn.dropout(attn.to_out(out))

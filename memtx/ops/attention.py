@@ -590,7 +590,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     softmax backward) and a zero-filled (B, H, T, N) scatter target for the gather."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, r, distances, bias, scale, keep):
+    def forward(ctx, qc, qp, k, v, r, distances, bias, scale, keep, causal):
         with no_autocast(qc.device.type):
             batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
@@ -603,73 +603,85 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                 w.add_(bias[:, None]).view(n, 1, num_keys).baddbmm_(qc3, k3.transpose(1, 2))
                 w = softmax_in_place(w.view(n, 1, num_keys))
                 return torch.bmm(w, v3).view(batch, heads, 1, -1)
-            blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
-                                  * qc.element_size(), qc.device)
+            # chunks of queries see the keys up to their last query (see _query_chunks)
+            chunks = _query_chunks(num_queries, num_keys, num_keys, causal)
+            rows = max(q1 - q0 for q0, q1, *_ in chunks)
+            blocks = _head_blocks(batch, heads, rows * max(num_keys, num_dist) * qc.element_size(),
+                                  qc.device)
             largest = max(stop - start for start, stop, *_ in blocks)
-            table_buf = qc3.new_empty(largest * num_queries * num_dist)
-            weights = qc3.new_empty(n, num_queries, num_keys)
+            table_buf = qc3.new_empty(largest * rows * num_dist)
+            kept = [qc3.new_empty(n, q1 - q0, keys) for q0, q1, keys, _ in chunks]
             out = qc3.new_empty(n, num_queries, v.shape[-1])
             positions = _block_positions(r, blocks)
             for block in blocks:
                 start, stop, b0, b1, h0, h1 = block
-                shape4 = (b1 - b0, h1 - h0, num_queries)
-                table = torch.bmm(qp3[start:stop], positions(block).transpose(1, 2),
-                                  out=_buffer(table_buf, stop - start, num_queries, num_dist))
-                index = distances[b0:b1, None].expand(*shape4, num_keys)  # no copy
-                w = weights[start:stop]
-                torch.gather(table.view(*shape4, num_dist), -1, index,
-                             out=w.view(*shape4, num_keys))
-                w.view(*shape4, num_keys).add_(bias[b0:b1, None])
-                w.baddbmm_(qc3[start:stop], k3[start:stop].transpose(1, 2))
-                block_weights = w
-                w = softmax_in_place(w)
-                if w is not block_weights:  # a softmax that is not in place (GPU)
-                    block_weights.copy_(w)
-                torch.bmm(w, v3[start:stop], out=out[start:stop])
-        ctx.save_for_backward(weights, qc3, qp3, k3, v3, r, out, distances)
+                r_t = positions(block).transpose(1, 2)
+                for c, (q0, q1, keys, _) in enumerate(chunks):
+                    shape4 = (b1 - b0, h1 - h0, q1 - q0)
+                    table = torch.bmm(qp3[start:stop, q0:q1], r_t,
+                                      out=_buffer(table_buf, stop - start, q1 - q0, num_dist))
+                    index = distances[b0:b1, None, q0:q1, :keys].expand(*shape4, keys)
+                    w = kept[c][start:stop]
+                    torch.gather(table.view(*shape4, num_dist), -1, index,
+                                 out=w.view(*shape4, keys))
+                    w.view(*shape4, keys).add_(bias[b0:b1, None, q0:q1, :keys])
+                    w.baddbmm_(qc3[start:stop, q0:q1], k3[start:stop, :keys].transpose(1, 2))
+                    w_done = softmax_in_place(w)
+                    if w_done is not w:  # a softmax that is not in place (GPU)
+                        w.copy_(w_done)
+                    _bmm_into(w, v3[start:stop, :keys], out[start:stop, q0:q1])
+        ctx.save_for_backward(qc3, qp3, k3, v3, r, out, distances, *kept)
         ctx.scale = scale
+        ctx.chunks = chunks
         ctx.shape = (batch, heads, num_queries, num_keys, num_dist)
         return out.view(batch, heads, num_queries, -1)
 
     @staticmethod
     def backward(ctx, grad_out):
         batch, heads, num_queries, num_keys, num_dist = ctx.shape
-        weights, qc3, qp3, k3, v3, r, out, distances = ctx.saved_tensors
+        qc3, qp3, k3, v3, r, out, distances, *kept = ctx.saved_tensors
+        chunks = ctx.chunks
         with no_autocast(out.device.type):
             # pairs with bias -inf have weight 0 and get score gradient 0
             grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
                 grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
-            grad_bias = (weights.new_zeros(batch, num_queries, num_keys)
+            grad_bias = (out.new_zeros(batch, num_queries, num_keys)
                          if ctx.needs_input_grad[6] else None)
-            blocks = _head_blocks(batch, heads, num_queries * max(num_keys, num_dist)
+            rows = max(q1 - q0 for q0, q1, *_ in chunks)
+            blocks = _head_blocks(batch, heads, rows * max(num_keys, num_dist)
                                   * out.element_size(), out.device)
             largest = max(stop - start for start, stop, *_ in blocks)
-            grad_buf = out.new_empty(largest * num_queries * num_keys)
-            table_buf = out.new_empty(largest * num_queries * num_dist)
+            grad_buf = out.new_empty(largest * rows * num_keys)
+            table_buf = out.new_empty(largest * rows * num_dist)
             positions = _block_positions(r, blocks)
             for block in blocks:
                 start, stop, b0, b1, h0, h1 = block
-                size, shape4 = stop - start, (b1 - b0, h1 - h0, num_queries)
-                w, g = weights[start:stop], grad_out[start:stop]
-                torch.bmm(w.transpose(1, 2), g, out=grad_v[start:stop])
-                grad_scores = torch.bmm(g, v3[start:stop].transpose(1, 2),
-                                        out=_buffer(grad_buf, size, num_queries, num_keys))
-                grad_scores.sub_(delta[start:stop]).mul_(w)
-                if grad_bias is not None:  # shared by the heads
-                    grad_bias[b0:b1] += grad_scores.view(*shape4, num_keys).sum(1)
-                torch.bmm(grad_scores, k3[start:stop], out=grad_qc[start:stop])
-                torch.bmm(grad_scores.transpose(1, 2), qc3[start:stop], out=grad_k[start:stop])
-                index = distances[b0:b1, None].expand(*shape4, num_keys)
-                grad_table = _buffer(table_buf, size, num_queries, num_dist).zero_()
-                grad_table.view(*shape4, num_dist).scatter_add_(
-                    -1, index, grad_scores.view(*shape4, num_keys))
-                torch.bmm(grad_table, positions(block), out=grad_qp[start:stop])
-                if grad_r is not None:  # sums over the batch, in place
-                    qp_block = qp3[start:stop]
-                    for rows in _block_rows(block):
-                        grad_r[h0:h1].baddbmm_(grad_table[rows].transpose(1, 2), qp_block[rows])
+                size, r_block = stop - start, positions(block)
+                # the last chunk sees every key: it writes grad_k and grad_v first
+                for c in reversed(range(len(chunks))):
+                    q0, q1, keys, _ = chunks[c]
+                    first = c == len(chunks) - 1
+                    shape4 = (b1 - b0, h1 - h0, q1 - q0)
+                    w, g = kept[c][start:stop], grad_out[start:stop, q0:q1]
+                    qc_c, qp_c = qc3[start:stop, q0:q1], qp3[start:stop, q0:q1]
+                    _bmm_into(w.transpose(1, 2), g, grad_v[start:stop, :keys], first)
+                    grad_scores = torch.bmm(g, v3[start:stop, :keys].transpose(1, 2),
+                                            out=_buffer(grad_buf, size, q1 - q0, keys))
+                    grad_scores.sub_(delta[start:stop, q0:q1]).mul_(w)
+                    if grad_bias is not None:  # shared by the heads
+                        grad_bias[b0:b1, q0:q1, :keys] += grad_scores.view(*shape4, keys).sum(1)
+                    _bmm_into(grad_scores, k3[start:stop, :keys], grad_qc[start:stop, q0:q1])
+                    _bmm_into(grad_scores.transpose(1, 2), qc_c, grad_k[start:stop, :keys], first)
+                    index = distances[b0:b1, None, q0:q1, :keys].expand(*shape4, keys)
+                    grad_table = _buffer(table_buf, size, q1 - q0, num_dist).zero_()
+                    grad_table.view(*shape4, num_dist).scatter_add_(
+                        -1, index, grad_scores.view(*shape4, keys))
+                    _bmm_into(grad_table, r_block, grad_qp[start:stop, q0:q1])
+                    if grad_r is not None:  # sums over the batch and the chunks, in place
+                        for row in _block_rows(block):
+                            grad_r[h0:h1].baddbmm_(grad_table[row].transpose(1, 2), qp_c[row])
         return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
-                grad_r, None, grad_bias, None, None)
+                grad_r, None, grad_bias, None, None, None)
 
 
 def pairwise_relative_attention(
@@ -683,6 +695,7 @@ def pairwise_relative_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    causal: bool = False,
 ) -> Tensor:
     """Attention whose every (query, key) pair has its own relative distance:
     ``softmax_j(scale (q_content_i . k_j + q_position_i . r[distances[i, j]]) + bias[i, j])``.
@@ -703,6 +716,9 @@ def pairwise_relative_attention(
         scale: score scale, default ``1/sqrt(D)``.
         dropout_p: attention dropout (pass 0.0 in eval); with dropout the computation runs
             through autograd.
+        causal: the last T keys are the segment's and ``bias`` hides from each query the
+            segment keys after it (lower-right aligned, as in :func:`relative_memory_attention`).
+            The results do not change; the op may then skip those keys (chunks of queries).
 
     Returns:
         (B, H, T, D); equals :func:`pairwise_relative_attention_ref`.
@@ -730,7 +746,7 @@ def pairwise_relative_attention(
         t.requires_grad for t in (q_content, q_position, k, v, r, bias))
     return _PairwiseRelativeAttention.apply(
         q_content, q_position.to(dtype), k.to(dtype), v.to(dtype), r.to(dtype), distances,
-        bias.to(dtype), scale, keep,
+        bias.to(dtype), scale, keep, causal and num_queries > 1,
     )
 
 

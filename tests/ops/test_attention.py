@@ -363,24 +363,31 @@ def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, qu
         assert rel_rms(relative_memory_attention(qc, qp, k, v, r, **kwargs), ref) < 1e-10
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["all-queries", "query-chunks-of-2"])
 @pytest.mark.parametrize("matrices", [1, 2, 8], ids=["single-heads", "head-pairs", "two-rows"])
-@pytest.mark.parametrize("length,keys,table", [(6, 9, 13), (1, 7, 10)], ids=["T6", "T1"])
-def test_pairwise_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, matrices,
-                                                                          length, keys, table):
-    # 3 rows of 4 heads in blocks of `matrices` (the last block of two rows is one row)
+@pytest.mark.parametrize("length,keys,table", [(6, 9, 13), (7, 12, 15), (1, 7, 10)],
+                         ids=["T6", "T7", "T1"])
+def test_pairwise_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, causal,
+                                                                          matrices, length, keys,
+                                                                          table):
+    # 3 rows of 4 heads in blocks of `matrices` (the last block of two rows is one row); with
+    # `causal` a segment of 6 or 7 queries runs in 3 chunks (7: 2, 3, 2) that skip later keys
     batch, heads = 3, 4
     qc, qp, k, v, r, distances, bias = _pairwise_inputs(batch, heads, length, keys, table, heads,
                                                          seed=5)
-    matrix_bytes = length * max(keys, table) * 8
+    monkeypatch.setattr(attention_ops, "_QUERY_CHUNK", 2)
+    chunks = attention_ops._query_chunks(length, keys, keys, causal and length > 1)
+    assert len(chunks) == (3 if causal and length > 1 else 1)
+    matrix_bytes = max(q1 - q0 for q0, q1, *_ in chunks) * max(keys, table) * 8
     monkeypatch.setattr(attention_ops, "_BLOCK_BYTES", matrices * matrix_bytes)
     blocks = attention_ops._head_blocks(batch, heads, matrix_bytes, torch.device("cpu"))
     assert blocks[0][1] - blocks[0][0] == matrices and len(blocks) == -(-batch * heads // matrices)
-    fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37)
+    fast = pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37, causal=causal)
     ref = pairwise_relative_attention_ref(qc, qp, k, v, r, distances, bias, scale=0.37)
     _assert_same_outputs_and_grads(fast, ref, dict(qc=qc, qp=qp, k=k, v=v, r=r, bias=bias))
     with torch.no_grad():  # a streamed token takes a path of its own
-        assert rel_rms(pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37),
-                       ref) < 1e-10
+        assert rel_rms(pairwise_relative_attention(qc, qp, k, v, r, distances, bias, scale=0.37,
+                                                   causal=causal), ref) < 1e-10
 
 
 @pytest.mark.parametrize("matrices", [2, 12], ids=["several-blocks", "one-block"])
