@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +242,7 @@ def _block_rows(block):
     return [slice(i * heads, (i + 1) * heads) for i in range(b1 - b0)]
 
 
-def _block_positions(r: Tensor, blocks) -> callable:
+def _block_positions(r: Tensor, blocks) -> Callable[[tuple], Tensor]:
     """``positions(block)``: ``r`` (H, P, D) for the matrices of a block, its heads (a view)
     or repeated over its batch rows (one copy per call, shared by the blocks)."""
     rows = max(b1 - b0 for _, _, b0, b1, _, _ in blocks)
@@ -274,9 +275,9 @@ def _query_chunks(num_queries: int, num_keys: int, num_pos: int, causal: bool):
             for q0, q1 in zip(bounds[:-1], bounds[1:])]
 
 
-def _chunk_mask(blocked: Tensor | None, q0: int, q1: int, keys: int, num_queries: int):
+def _chunk_mask(blocked: Tensor | None, q0: int, q1: int, num_queries: int):
     """The part of ``blocked`` (see relative_memory_attention) for queries ``q0:q1`` and the
-    first ``keys`` keys. ``blocked`` covers the last ``blocked.shape[-1]`` keys."""
+    keys up to query ``q1 - 1``. ``blocked`` covers the last ``blocked.shape[-1]`` keys."""
     if blocked is None:
         return None
     dropped = num_queries - q1  # keys cut from the end
@@ -358,8 +359,8 @@ class _RelativeAttention(torch.autograd.Function):
                 w = kept[c][start:stop] if keep else _buffer(w_buf, stop - start, q1 - q0, keys)
                 w_done = _RelativeAttention._block_weights(
                     w, qc3[start:stop, q0:q1], qp3[start:stop, q0:q1], k3[start:stop, :keys],
-                    r_block[:, num_pos - pos:], _chunk_mask(blocked, q0, q1, keys, num_queries),
-                    pos_buf, block, (q1 - q0, keys, pos))
+                    r_block[:, num_pos - pos:], _chunk_mask(blocked, q0, q1, num_queries), pos_buf,
+                    block, (q1 - q0, keys, pos))
                 if w_done is not w:  # a softmax that is not in place (GPU)
                     if keep and len(blocks) == 1:
                         kept[c] = w_done
@@ -373,6 +374,7 @@ class _RelativeAttention(torch.autograd.Function):
             ctx.save_for_backward(qc3, qp3, k3, v3, r, out, *kept)
         ctx.mode = mode
         ctx.scale = scale
+        ctx.chunks = chunks
         ctx.shapes = (batch, heads, num_queries, num_keys, num_pos)
         return out.view(batch, heads, num_queries, -1)
 
@@ -388,9 +390,7 @@ class _RelativeAttention(torch.autograd.Function):
         with no_autocast(out.device.type):
             grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
                 grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
-            # the forward pass's chunks (it had the mask when it chunked)
-            chunks = _query_chunks(num_queries, num_keys, num_pos,
-                                   blocked is not None if kept is None else len(kept) > 1)
+            chunks = ctx.chunks
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
             blocks = _head_blocks(batch, heads, rows * num_keys * out.element_size(), out.device)
             largest = max(stop - start for start, stop, *_ in blocks)
@@ -404,28 +404,28 @@ class _RelativeAttention(torch.autograd.Function):
                 r_block = positions(block)
                 # the last chunk sees every key: it writes grad_k, grad_v (and grad_r) first,
                 # the earlier chunks add to their leading keys
+                mats = slice(start, stop)
                 for c in reversed(range(len(chunks))):
                     q0, q1, keys, pos = chunks[c]
-                    rows = slice(start, stop)
                     first = c == len(chunks) - 1
-                    qc_c, qp_c = qc3[rows, q0:q1], qp3[rows, q0:q1]
-                    k_c, v_c = k3[rows, :keys], v3[rows, :keys]
+                    qc_c, qp_c = qc3[mats, q0:q1], qp3[mats, q0:q1]
+                    k_c, v_c = k3[mats, :keys], v3[mats, :keys]
                     r_c = r_block[:, num_pos - pos:]
                     if kept is None:  # rebuilt like the forward pass did
                         w = _RelativeAttention._block_weights(
                             _buffer(w_buf, size, q1 - q0, keys), qc_c, qp_c, k_c, r_c,
-                            _chunk_mask(blocked, q0, q1, keys, num_queries), pos_buf, block,
+                            _chunk_mask(blocked, q0, q1, num_queries), pos_buf, block,
                             (q1 - q0, keys, pos))
                     else:
-                        w = kept[c][rows]
-                    g = grad_out[rows, q0:q1]
-                    _bmm_into(w.transpose(1, 2), g, grad_v[rows, :keys], first)
+                        w = kept[c][mats]
+                    g = grad_out[mats, q0:q1]
+                    _bmm_into(w.transpose(1, 2), g, grad_v[mats, :keys], first)
                     # masked entries have weight 0, so their score gradient is 0
                     grad_scores = torch.bmm(g, v_c.transpose(1, 2),
                                             out=_buffer(grad_buf, size, q1 - q0, keys))
-                    grad_scores.sub_(delta[rows, q0:q1]).mul_(w)
-                    _bmm_into(grad_scores, k_c, grad_qc[rows, q0:q1])
-                    _bmm_into(grad_scores.transpose(1, 2), qc_c, grad_k[rows, :keys], first)
+                    grad_scores.sub_(delta[mats, q0:q1]).mul_(w)
+                    _bmm_into(grad_scores, k_c, grad_qc[mats, q0:q1])
+                    _bmm_into(grad_scores.transpose(1, 2), qc_c, grad_k[mats, :keys], first)
                     grad_pos_keys = grad_scores[..., keys - pos:]
                     if q1 - q0 > 1:
                         grad_pos = _buffer(pos_buf, size, q1 - q0, pos)
@@ -437,7 +437,7 @@ class _RelativeAttention(torch.autograd.Function):
                         view[:, 1:, 0].copy_(grad_pos_keys[:, 1:, 0])
                     else:
                         grad_pos = grad_pos_keys
-                    _bmm_into(grad_pos, r_c, grad_qp[rows, q0:q1])
+                    _bmm_into(grad_pos, r_c, grad_qp[mats, q0:q1])
                     if grad_r is not None:  # sums over the batch and the chunks
                         target = grad_r[h0:h1, num_pos - pos:]
                         for row in _block_rows(block):
@@ -498,7 +498,9 @@ def relative_memory_attention(
 
     Without dropout or ``score_bias`` the work runs over blocks of heads of about 8 MiB of
     scores each (CPU), so only the kept weights reach (B, H, T, K); every other tensor of that
-    size (position scores, score gradients) is one block, reused.
+    size (position scores, score gradients) is one block, reused. A segment that is at least
+    half of the keys runs in up to 4 chunks of queries, each skipping the keys after its last
+    query (same results).
 
     Returns:
         (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
@@ -580,10 +582,11 @@ def relative_memory_attention_ref(
 # ============================================================================================
 class _PairwiseRelativeAttention(torch.autograd.Function):
     """Forward and backward of :func:`pairwise_relative_attention` written out, over blocks of
-    heads (:func:`_head_blocks`) so that a block's work happens in cache: per block the
-    position table ``qp . r`` (T, N) is made in one reused buffer, gathered at the pairs'
-    distances into the scores, the score bias added and the content matmul accumulated in
-    place, then the softmax in place; in backward the softmax gradient is formed in place from
+    heads (:func:`_head_blocks`) and, with ``causal``, chunks of queries (:func:`_query_chunks`)
+    so that a block's work happens in cache and keys after a chunk's last query are skipped:
+    per block the position table ``qp . r`` (T, N) is made in one reused buffer, gathered at
+    the pairs' distances into the scores, the score bias added and the content matmul
+    accumulated in place, then the softmax in place; in backward the softmax gradient is formed in place from
     ``dO . O`` row sums and the table gradient is one scatter-add into the reused buffer. The
     attention weights are the only (B, H, T, K) tensor. Through autograd the same computation
     makes about three more (B, H, T, K) tensors per layer (the bias sum, the masked copy, the
