@@ -229,6 +229,32 @@ def learned_table_index(slots: Tensor, first_query: int, num_queries: int, seq_l
     return index.masked_fill(slots[:, None, :] < 0, NO_POSITION)
 
 
+def learned_positions_as_relative(table: Tensor, seq_len: int, offset: int, num_prefix: int,
+                                  num_keys: int) -> Tensor:
+    """The learned table as relative positions ``r`` for :func:`relative_memory_attention`,
+    valid when every key exists (no empty memory slot in any row).
+
+    Then the keys' slots are consecutive (``offset - num_prefix`` for the first of the
+    ``num_prefix`` keys before the segment, ``offset + j`` for segment key j), so query i of
+    the segment and key κ meet at column ``c - i + κ`` for a constant c: a relative shift.
+    Keys with a negative slot (the first ``num_prefix - offset``) get no position score, the
+    others are the last P keys, and the op's ``r`` (distances P-1, ..., 0) is the P columns
+    that end at ``seq_len + offset``, whatever the query offset within the segment (streaming).
+
+    Args:
+        table: (H, seq_len + mem_len + lmem_len, D) learned position table.
+        offset: the slot offset F of :meth:`MemoryXL._key_slots` (the same in every row).
+        num_prefix: keys before the segment (learned key/values and memories).
+        num_keys: all keys, ``num_prefix`` plus the segment's keys up to the last query.
+
+    Returns:
+        (H, P, D) view of the table.
+    """
+    num_pos = num_keys - max(0, num_prefix - offset)
+    end = seq_len + offset
+    return table[:, end - num_pos:end]
+
+
 def learned_position_scores(q: Tensor, table: Tensor, index: Tensor) -> Tensor:
     """(B, H, T, K) scores ``q_i . table[index[b, i, j]]`` (0 where index is NO_POSITION).
 
@@ -297,18 +323,20 @@ class MemoryXLAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None,
                 r: Tensor | None, table: Tensor | None, table_index: Tensor | None) -> Tensor:
-        """(B, H, T, D) attention output of queries q over all keys, positions included."""
-        if self.sinusoid_positions:
-            assert r is not None  # keys before the last r.shape[-2] (long memory) have no position
+        """(B, H, T, D) attention output of queries q over all keys, positions included: with
+        ``r`` (projected sinusoids, or the learned table as relative positions) by the
+        relative-position op, else with the learned table gathered per (query, key) pair."""
+        if r is not None:  # keys before the last r.shape[-2] have no position score
+            qc, qp = q, q
+            if self.sinusoid_positions:
+                qc, qp = q + self.content_bias[:, None], q + self.position_bias[:, None]
             return relative_memory_attention(
-                q + self.content_bias[:, None], q + self.position_bias[:, None], k, v, r,
-                key_valid=key_valid, scale=self.scale,
+                qc, qp, k, v, r, key_valid=key_valid, scale=self.scale,
                 dropout_p=self.attn_dropout if self.training else 0.0,
                 recompute=self.checkpoint,
             )
-        else:
-            assert table is not None and table_index is not None
-            position_scores = learned_position_scores(q * self.scale, table, table_index)
+        assert table is not None and table_index is not None
+        position_scores = learned_position_scores(q * self.scale, table, table_index)
         return memory_attention(
             q, k, v, bias=position_scores, key_valid=key_valid, scale=self.scale,
             dropout_p=self.attn_dropout if self.training else 0.0,
@@ -330,9 +358,12 @@ class MemoryXLAttention(nn.Module):
             kv_prefix: (B, H or 1, P, D) keys and values of the keys before them, or a
                 :class:`KeyValueCache` of them (streaming), extended in place.
             key_valid: (B, K) bool, False for keys never to attend to; None if all are valid.
-            r: sinusoid positions: (H, K', D) from :meth:`project_positions` for the last K'
-                keys (short memory and segment); the keys before them get no position score.
-            table, table_index: learned positions, see :func:`learned_position_scores`.
+            r: (H, K', D) relative positions of the last K' keys, the keys before them get
+                no position score: projected sinusoids (:meth:`project_positions`; short memory
+                and segment) or the learned table while every key exists
+                (:func:`learned_positions_as_relative`).
+            table, table_index: learned positions of keys in rows with empty memory slots, see
+                :func:`learned_position_scores`.
 
         Returns:
             The (B, T, E) output and the new tokens' own keys and values.
@@ -340,7 +371,7 @@ class MemoryXLAttention(nn.Module):
         q = self._split(self.to_q(x), self.heads)  # (B, H, T, D)
         k_new, v_new = self.project_kv(x)
         k, v = with_prefix(kv_prefix, k_new, v_new)
-        if self.checkpoint and torch.is_grad_enabled() and not self.sinusoid_positions:
+        if self.checkpoint and torch.is_grad_enabled() and r is None:
             # the (B, H, T, K) scores and weights are most of a step's activations: recompute
             # them in the backward pass instead of keeping them (the relative-position op does
             # this itself, cheaper)
@@ -673,6 +704,14 @@ class MemoryXL(MemoryLM):
             if projected_positions is None:
                 distances = relative_distances(short_len + num_segment_keys, x.device)
                 sinusoids = sinusoid(distances, cfg.dim).to(x.dtype)
+        elif prefix_valid is None:  # every key exists: the table is a relative shift
+            offset = min(short_len + cfg.dim, cfg.mem_len + cfg.lmem_len)  # see _key_slots
+            memory_prefix = cfg.num_mem_kv + state.lmem.shape[1] + short_len
+            memory_r, other_r = (
+                learned_positions_as_relative(self.pos_table, cfg.seq_len, offset, prefix,
+                                              prefix + num_segment_keys)
+                for prefix in (memory_prefix, cfg.num_mem_kv)
+            )
         else:
             memory_slots, other_slots = self._key_slots(state, num_segment_keys)
             memory_index, other_index = (
@@ -691,6 +730,8 @@ class MemoryXL(MemoryLM):
                 else:
                     r = projected_positions[i][:, -num_positioned:]
                 positions: dict[str, Tensor | None] = {"r": r}
+            elif prefix_valid is None:
+                positions = {"r": memory_r if is_memory_layer else other_r}
             else:
                 positions = {"table": self.pos_table,
                              "table_index": memory_index if is_memory_layer else other_index}

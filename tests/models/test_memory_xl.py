@@ -341,6 +341,53 @@ def test_checkpointed_attention_gives_the_same_gradients(config):
             assert rel_rms(b.grad, a.grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["kept", "checkpointed"])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        pytest.param(dict(), id="every-key-positioned"),
+        pytest.param(dict(num_mem_kv=3, lmem_len=40, mem_len=5), id="keys-off-the-table"),
+        pytest.param(dict(memory_layers=(2,)), id="plain-layer"),
+    ],
+)
+def test_learned_table_as_relative_positions_equals_the_gathered_table(sizes, checkpoint, monkeypatch):
+    # with every key present the learned table runs through the relative-position op; rows
+    # with empty slots gather it per (query, key) pair. An all-True validity forces the gather.
+    torch.manual_seed(2)
+    model = _build(**{**SEED_SKELETON, **sizes, "checkpoint_attention": checkpoint})
+    with torch.no_grad():
+        model.pos_table.normal_()
+    tokens = torch.randint(0, 48, (2, 8 * 3 + 1))
+    with torch.no_grad():
+        state = model(tokens[:, :8]).state  # memory filled: the next segments see every key
+
+    def run():
+        model.zero_grad()
+        first = model(tokens[:, 8:16], state, targets=tokens[:, 9:17])
+        second = model(tokens[:, 16:24], first.state, targets=tokens[:, 17:25])
+        (first.loss + second.loss).backward()
+        return second.logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.numel()}
+
+    calls = []
+    relative = memtx.models.memory_xl.learned_positions_as_relative
+    monkeypatch.setattr(memtx.models.memory_xl, "learned_positions_as_relative",
+                        lambda *a: calls.append(a) or relative(*a))
+    fast_logits, fast_grads = run()
+    assert calls, "the relative-position path was not taken"
+    valid = memtx.MemoryXL.prefix_validity
+    monkeypatch.setattr(memtx.MemoryXL, "prefix_validity",
+                        lambda self, st: valid(self, st) if valid(self, st) is not None else torch.ones(
+                            st.valid.shape[0], model.config.num_mem_kv + st.lmem.shape[1] + st.valid.shape[1],
+                            dtype=torch.bool))
+    calls.clear()
+    gathered_logits, gathered_grads = run()
+    assert not calls
+    assert rel_rms(fast_logits, gathered_logits) < 1e-5
+    assert fast_grads.keys() == gathered_grads.keys() and "pos_table" in fast_grads
+    for name, grad in fast_grads.items():
+        assert rel_rms(grad, gathered_grads[name]) < 1e-5, name
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,message",
