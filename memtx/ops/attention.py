@@ -336,12 +336,6 @@ class _RelativeAttention(torch.autograd.Function):
         num_keys, num_pos = k.shape[-2], r.shape[-2]
         n = batch * heads
         qc3, qp3, k3, v3 = _flatten_heads(qc, qp, k, v, scale)
-        if num_queries == 1 and mode == "none":  # a streamed token: one block, no slicing
-            w = _RelativeAttention._block_weights(
-                qc3.new_empty(n, 1, num_keys), qc3, qp3, k3,
-                r if batch == 1 else r.repeat(batch, 1, 1), blocked, None,
-                (0, n, 0, batch, 0, heads), (1, num_keys, num_pos))
-            return torch.bmm(w, v3).view(batch, heads, 1, -1)
         chunks = _query_chunks(num_queries, num_keys, num_pos, blocked is not None)
         rows = max(q1 - q0 for q0, q1, *_ in chunks)  # queries of the largest chunk
         blocks = _head_blocks(batch, heads, rows * num_keys * qc.element_size(), qc.device)
@@ -534,11 +528,29 @@ def relative_memory_attention(
     # without autograd nothing is kept: the weights of one block at a time
     inputs = (q_content, q_position, k, v, r)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        if num_queries == 1:
+            return _one_query_attention(q_content, q_position.to(dtype), k.to(dtype),
+                                        v.to(dtype), r.to(dtype), key_valid, scale)
         mode = "none"
     else:
         mode = "recompute" if recompute else "keep"
     return _RelativeAttention.apply(q_content, q_position.to(dtype), k.to(dtype), v.to(dtype),
                                     r.to(dtype), blocked, scale, mode)
+
+
+def _one_query_attention(qc, qp, k, v, r, key_valid, scale):
+    """A streamed token's attention (one query, no autograd). Its keys' distances are P-1, ...,
+    0 in order, so its position scores ``qp . r`` need no shift: they go to the fused kernel as
+    a score bias (with the invalid keys' -inf), which makes the token's attention a matmul and
+    one kernel call instead of the blocked node's dozen small operations."""
+    batch, heads, _, dim = qc.shape
+    num_keys, num_pos = k.shape[-2], r.shape[-2]
+    bias = torch.matmul(qp * scale, r.transpose(1, 2))  # (B, H, 1, P)
+    if num_pos < num_keys:  # keys without positions: content only
+        bias = F.pad(bias, (num_keys - num_pos, 0))
+    if key_valid is not None:
+        bias = bias.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=scale)
 
 
 def _general_relative_attention(q_content, q_position, k, v, r, key_valid, scale, dropout_p,
@@ -593,19 +605,12 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     softmax backward) and a zero-filled (B, H, T, N) scatter target for the gather."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, r, distances, bias, scale, keep, causal):
+    def forward(ctx, qc, qp, k, v, r, distances, bias, scale, causal):
         with no_autocast(qc.device.type):
             batch, heads, num_queries, dim = qc.shape
             num_keys, num_dist = k.shape[-2], r.shape[-2]
             n = batch * heads
             qc3, qp3, k3, v3 = _flatten_heads(qc, qp, k, v, scale)
-            if num_queries == 1 and not keep:  # a streamed token: one block, nothing kept
-                table = torch.bmm(qp3, (r if batch == 1 else r.repeat(batch, 1, 1)).transpose(1, 2))
-                index = distances[:, None].expand(batch, heads, 1, num_keys)
-                w = torch.gather(table.view(batch, heads, 1, num_dist), -1, index)
-                w.add_(bias[:, None]).view(n, 1, num_keys).baddbmm_(qc3, k3.transpose(1, 2))
-                w = softmax_in_place(w.view(n, 1, num_keys))
-                return torch.bmm(w, v3).view(batch, heads, 1, -1)
             # chunks of queries see the keys up to their last query (see _query_chunks)
             chunks = _query_chunks(num_queries, num_keys, num_keys, causal)
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
@@ -684,7 +689,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                         for row in _block_rows(block):
                             grad_r[h0:h1].baddbmm_(grad_table[row].transpose(1, 2), qp_c[row])
         return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
-                grad_r, None, grad_bias, None, None, None)
+                grad_r, None, grad_bias, None, None)
 
 
 def pairwise_relative_attention(
@@ -745,11 +750,16 @@ def pairwise_relative_attention(
         scores = gather_position_scores(q_position * scale, r, distances) + bias[:, None]
         return memory_attention(q_content, k, v, bias=scores, scale=scale, dropout_p=dropout_p,
                                 causal=False)
-    keep = torch.is_grad_enabled() and any(
+    grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q_content, q_position, k, v, r, bias))
+    if num_queries == 1 and not grad:  # a streamed token: its scores' bias, one kernel call
+        scores = gather_position_scores(q_position.to(dtype) * scale, r.to(dtype), distances)
+        return F.scaled_dot_product_attention(q_content, k.to(dtype), v.to(dtype),
+                                              attn_mask=scores + bias.to(dtype)[:, None],
+                                              scale=scale)
     return _PairwiseRelativeAttention.apply(
         q_content, q_position.to(dtype), k.to(dtype), v.to(dtype), r.to(dtype), distances,
-        bias.to(dtype), scale, keep, causal and num_queries > 1,
+        bias.to(dtype), scale, causal and num_queries > 1,
     )
 
 
