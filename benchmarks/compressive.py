@@ -3,6 +3,8 @@ training-quality comparison behind memtx's default skeleton.
 
     # the bars (dim 256, depth 4, heads 8, batch 4, fp32, 2 threads), all at once:
     python benchmarks/compressive.py bars --json bars.json
+    # the same with glibc keeping freed memory for both contenders, as the memtx command does
+    python benchmarks/compressive.py bars --retain-freed-memory --memory 0
     # or in full detail (inference, generation profile, matmul fraction, memory), per config:
     python benchmarks/compressive.py speed --mem-len 256 --cmem-len 64
     python benchmarks/compressive.py speed --mem-len 1024 --cmem-len 256
@@ -35,6 +37,7 @@ import torch
 
 import memtx
 from memtx.bench import speed
+from memtx.bench.common import add_allocator_flag, apply_allocator_flag
 from memtx.bench.references import REFERENCE_OPTIONS_ENV, compressive_reference_steps
 
 
@@ -254,9 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--memory", type=int, default=1)
     b.add_argument("--reference-options", choices=("defaults", "mirror"), default="defaults")
     b.add_argument("--json", default=None, help="also write the result here")
+    for sp in (p, b):
+        add_allocator_flag(sp)
     args = parser.parse_args(argv)
+    retaining = apply_allocator_flag(args)
     run = {"speed": run_speed, "quality": run_quality, "bars": run_bars}[args.command]
     result = run(args)
+    if args.command != "quality":
+        result["retain_freed_memory"] = retaining
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

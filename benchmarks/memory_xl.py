@@ -2,6 +2,7 @@
 
     python benchmarks/memory_xl.py                       # speed + peak memory, mem 256 and 1024
     python benchmarks/memory_xl.py --mem-len 1024 --steps 5 --no-memory
+    python benchmarks/memory_xl.py --no-memory --retain-freed-memory  # allocator as memtx's CLI
     python benchmarks/memory_xl.py --quality --minutes 4  # default choice: memtx vs seed skeleton
 
 Speed: training tokens/s (forward + backward + AdamW step on one segment, memory carried and
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 import memtx
+from memtx.bench.common import add_allocator_flag, apply_allocator_flag
 from memtx.bench.memory import in_fresh_process, peak_above_now
 from memtx.bench.references import memory_xl_reference_steps
 from memtx.bench.speed import alternate
@@ -177,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                         default=dict(dim=256, depth=4, heads=8, seq_len=128, mem_len=128, lmem_len=128))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    add_allocator_flag(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    result: dict[str, Any] = {"torch": torch.__version__, "threads": 2, "batch_size": args.batch_size}
+    result: dict[str, Any] = {"torch": torch.__version__, "threads": 2, "batch_size": args.batch_size,
+                              "retain_freed_memory": apply_allocator_flag(args)}
     if args.quality:
         result["quality"] = quality(args.minutes, args.data, args.seed, args.quality_sizes, 8)
     else:

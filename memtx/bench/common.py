@@ -155,6 +155,23 @@ def memory_fields(slots: int, seq_len: int) -> dict[str, dict[str, Any]]:
     }
 
 
+def add_allocator_flag(parser: Any) -> None:
+    """``--retain-freed-memory`` for the side-by-side scripts (see :func:`apply_allocator_flag`)."""
+    parser.add_argument(
+        "--retain-freed-memory", action="store_true",
+        help="time both contenders with glibc keeping freed memory (memtx.allocator), as the "
+             "memtx command does; the reference's steps fault far fewer pages then (speed "
+             "only: peak memory runs in fresh processes with the default allocator)")
+
+
+def apply_allocator_flag(args: Any) -> bool:
+    """Apply ``--retain-freed-memory`` to this process (every contender timed in it); returns
+    whether the setting is on, for the JSON output."""
+    if getattr(args, "retain_freed_memory", False) and not allocator.retain_freed_memory():
+        raise SystemExit("--retain-freed-memory needs Linux with glibc")
+    return allocator.is_retaining()
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     return {
         "torch": torch.__version__,
