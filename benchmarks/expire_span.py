@@ -38,6 +38,7 @@ import torch
 
 import memtx
 from memtx.bench.memory import in_fresh_process, peak_above_now
+from memtx.bench.speed import memtx_steps
 from memtx.data.tasks import AssociativeRecall, KEY_TOKEN_BASE, MAX_KEYS, MAX_VALUES, VALUE_TOKEN_BASE
 
 
@@ -59,22 +60,9 @@ def build_pair(size: dict[str, Any], max_span: int, **expire_kw: Any) -> tuple[m
 
 
 def train_step_fn(model: memtx.MemoryLM, batch_size: int, seed: int = 0) -> Callable[[], None]:
-    """One training step on random tokens (forward, backward, AdamW), memory carried."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    state: list[Any] = [None]
-
-    def step() -> None:
-        model.train()
-        out = model(tokens[:, :-1], state[0], targets=tokens[:, 1:])
-        (out.loss + out.aux_loss).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state[0] = out.state.detach()
-
-    return step
+    """One training step on random tokens (forward, backward, AdamW), memory carried: the
+    step every side-by-side benchmark times (:func:`memtx.bench.speed.memtx_steps`)."""
+    return memtx_steps(model, batch_size, seed)[0]
 
 
 def alternate(contenders: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:

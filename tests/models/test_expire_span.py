@@ -11,7 +11,9 @@ import memtx
 from memtx.models.expire_span import (
     ExpireSpanMemory,
     expire_mask,
+    LOG_ZERO,
     log_expire_mask,
+    log_mask,
     ramp_counts,
 )
 from memtx.ops.position import sinusoid
@@ -117,6 +119,20 @@ def test_mask_formula():
     assert torch.allclose(mask, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_log_mask_is_log_with_a_finite_zero_that_still_gets_no_weight(dtype):
+    mask = torch.tensor([0.0, 1e-30, 0.125, 0.5, 1.0, 0.0, 0.75], dtype=torch.float64).to(dtype)
+    out = log_mask(mask)
+    assert torch.equal(out[mask > 0], mask[mask > 0].log())
+    assert (out[mask == 0] == LOG_ZERO).all() if dtype != torch.bfloat16 else (out[mask == 0] < -1e29).all()
+    scores = torch.randn(7, dtype=torch.float64).to(dtype) * 30
+    weights = (scores + out).float().softmax(-1)
+    assert torch.equal(weights == 0, mask == 0)  # the same pairs as with -inf, exactly
+    if dtype != torch.bfloat16:  # (bfloat16 rounds the scores' sum with the bias)
+        expected = mask.float() * scores.float().exp()
+        assert torch.allclose(weights, expected / expected.sum(), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("first_query", [pytest.param(0, id="segment-start"), pytest.param(3, id="streaming")])
 def test_log_mask_and_ramp_counts_match_the_pairwise_mask(first_query):
     batch, keys, queries, ramp = 2, 9, 5, 3
@@ -126,7 +142,7 @@ def test_log_mask_and_ramp_counts_match_the_pairwise_mask(first_query):
     distances = base[:, None, :] + torch.arange(first_query, first_query + queries)[None, :, None]
     mask = expire_mask(spans, distances, ramp) * valid[:, None, :]
     fast = log_expire_mask(spans, base, valid, first_query, queries, ramp)
-    assert torch.equal(fast.isinf(), mask == 0)
+    assert torch.equal(fast == LOG_ZERO, mask == 0)  # finite: softmax weight exactly 0 there
     assert rel_rms(fast.exp(), mask) < 1e-12
     weight = torch.rand(batch, queries, keys, dtype=torch.float64)
     (grad,) = torch.autograd.grad((fast.exp() * weight).sum(), [spans])
@@ -137,7 +153,7 @@ def test_log_mask_and_ramp_counts_match_the_pairwise_mask(first_query):
     whole = spans.detach().round().requires_grad_()
     exact = log_expire_mask(whole, base, valid, first_query, queries, ramp)
     assert (exact.exp() == 0).any()
-    (grad,) = torch.autograd.grad(exact.masked_fill(exact.isinf(), 0).sum(), [whole])
+    (grad,) = torch.autograd.grad(exact.masked_fill(exact == LOG_ZERO, 0).sum(), [whole])
     assert torch.isfinite(grad).all()
     in_ramp = ((mask > 0) & (mask < 1) & (distances >= 0)).sum(1)
     assert in_ramp.sum() > 5
