@@ -340,35 +340,32 @@ class _RelativeAttention(torch.autograd.Function):
         rows = max(q1 - q0 for q0, q1, *_ in chunks)  # queries of the largest chunk
         blocks = _head_blocks(batch, heads, rows * num_keys * qc.element_size(), qc.device)
         largest = max(stop - start for start, stop, *_ in blocks)
-        keep = mode == "keep"  # the weights are saved for backward, one tensor per chunk
-        kept = [qc3.new_empty(n, q1 - q0, keys) for q0, q1, keys, _ in chunks] if keep else []
+        keep = mode == "keep"  # the weights are saved for backward (see _kept_weights)
+        kept = _kept_weights(qc3, blocks, chunks) if keep else []
         w_buf = None if keep else qc3.new_empty(largest * rows * num_keys)
         pos_buf = qc3.new_empty(largest * rows * num_pos) if num_queries > 1 else None
         out = qc3.new_empty(n, num_queries, v.shape[-1])
         positions = _block_positions(r, blocks)
-        for block in blocks:
+        for b, block in enumerate(blocks):
             start, stop = block[:2]
             r_block = positions(block)
             for c, (q0, q1, keys, pos) in enumerate(chunks):
-                w = kept[c][start:stop] if keep else _buffer(w_buf, stop - start, q1 - q0, keys)
-                w_done = _RelativeAttention._block_weights(
+                w = kept[b][c] if keep else _buffer(w_buf, stop - start, q1 - q0, keys)
+                w = _RelativeAttention._block_weights(
                     w, qc3[start:stop, q0:q1], qp3[start:stop, q0:q1], k3[start:stop, :keys],
                     r_block[:, num_pos - pos:], _chunk_mask(blocked, q0, q1, num_queries), pos_buf,
                     block, (q1 - q0, keys, pos))
-                if w_done is not w:  # a softmax that is not in place (GPU)
-                    if keep and len(blocks) == 1:
-                        kept[c] = w_done
-                    elif keep:
-                        w.copy_(w_done)
-                    w = w_done
+                if keep:  # (a softmax that is not in place, as on GPUs, made a new tensor)
+                    kept[b][c] = w
                 _bmm_into(w, v3[start:stop, :keys], out[start:stop, q0:q1])
         if mode == "recompute":  # backward rebuilds each block's weights the same way
             ctx.save_for_backward(qc3, qp3, k3, v3, r, out, blocked)
         elif keep:
-            ctx.save_for_backward(qc3, qp3, k3, v3, r, out, *kept)
+            ctx.save_for_backward(qc3, qp3, k3, v3, r, out, *_flat(kept))
         ctx.mode = mode
         ctx.scale = scale
         ctx.chunks = chunks
+        ctx.blocks = blocks
         ctx.shapes = (batch, heads, num_queries, num_keys, num_pos)
         return out.view(batch, heads, num_queries, -1)
 
@@ -379,20 +376,20 @@ class _RelativeAttention(torch.autograd.Function):
             qc3, qp3, k3, v3, r, out, blocked = ctx.saved_tensors
             kept = None
         else:
-            qc3, qp3, k3, v3, r, out, *kept = ctx.saved_tensors  # one tensor per query chunk
+            qc3, qp3, k3, v3, r, out, *kept = ctx.saved_tensors  # per block, per chunk
+            kept = _unflat(kept, len(ctx.chunks))
             blocked = None
         with no_autocast(out.device.type):
             grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
                 grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
-            chunks = ctx.chunks
+            chunks, blocks = ctx.chunks, ctx.blocks
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
-            blocks = _head_blocks(batch, heads, rows * num_keys * out.element_size(), out.device)
             largest = max(stop - start for start, stop, *_ in blocks)
             grad_buf = out.new_empty(largest * rows * num_keys)
             w_buf = out.new_empty(largest * rows * num_keys) if kept is None else None
             pos_buf = out.new_empty(largest * rows * num_pos) if num_queries > 1 else None
             positions = _block_positions(r, blocks)
-            for block in blocks:
+            for b, block in enumerate(blocks):
                 start, stop, b0, b1, h0, h1 = block
                 size = stop - start
                 r_block = positions(block)
@@ -411,7 +408,7 @@ class _RelativeAttention(torch.autograd.Function):
                             _chunk_mask(blocked, q0, q1, num_queries), pos_buf, block,
                             (q1 - q0, keys, pos))
                     else:
-                        w = kept[c][mats]
+                        w = kept[b][c]
                     g = grad_out[mats, q0:q1]
                     _bmm_into(w.transpose(1, 2), g, grad_v[mats, :keys], first)
                     # masked entries have weight 0, so their score gradient is 0
@@ -438,6 +435,24 @@ class _RelativeAttention(torch.autograd.Function):
                             _bmm_into(grad_pos[row].transpose(1, 2), qp_c[row], target, False)
         return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
                 grad_r, None, None, None)
+
+
+def _kept_weights(like: Tensor, blocks, chunks) -> list[list[Tensor]]:
+    """Empty tensors for the weights that the attention nodes keep for backward: one per block
+    of heads and chunk of queries, ``(matrices, queries, keys)``. Kept as blocks, not as one
+    (B H, T, K) tensor, so that each allocation stays under the size above which glibc maps
+    fresh pages from the system for every call (and the kernel faults them in one page at a
+    time on first write): a Compressive layer at mem 1024 keeps 50 MB, one block 8 MB."""
+    return [[like.new_empty(stop - start, q1 - q0, keys) for q0, q1, keys, _ in chunks]
+            for start, stop, *_ in blocks]
+
+
+def _flat(kept: list[list[Tensor]]) -> list[Tensor]:
+    return [w for per_block in kept for w in per_block]
+
+
+def _unflat(flat, per_block: int) -> list[list[Tensor]]:
+    return [list(flat[i: i + per_block]) for i in range(0, len(flat), per_block)]
 
 
 def _buffer(flat: Tensor, *shape: int) -> Tensor:
@@ -618,10 +633,10 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                                   qc.device)
             largest = max(stop - start for start, stop, *_ in blocks)
             table_buf = qc3.new_empty(largest * rows * num_dist)
-            kept = [qc3.new_empty(n, q1 - q0, keys) for q0, q1, keys, _ in chunks]
+            kept = _kept_weights(qc3, blocks, chunks)
             out = qc3.new_empty(n, num_queries, v.shape[-1])
             positions = _block_positions(r, blocks)
-            for block in blocks:
+            for b, block in enumerate(blocks):
                 start, stop, b0, b1, h0, h1 = block
                 r_t = positions(block).transpose(1, 2)
                 for c, (q0, q1, keys, _) in enumerate(chunks):
@@ -629,18 +644,18 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                     table = torch.bmm(qp3[start:stop, q0:q1], r_t,
                                       out=_buffer(table_buf, stop - start, q1 - q0, num_dist))
                     index = distances[b0:b1, None, q0:q1, :keys].expand(*shape4, keys)
-                    w = kept[c][start:stop]
+                    w = kept[b][c]
                     torch.gather(table.view(*shape4, num_dist), -1, index,
                                  out=w.view(*shape4, keys))
                     w.view(*shape4, keys).add_(bias[b0:b1, None, q0:q1, :keys])
                     w.baddbmm_(qc3[start:stop, q0:q1], k3[start:stop, :keys].transpose(1, 2))
-                    w_done = softmax_in_place(w)
-                    if w_done is not w:  # a softmax that is not in place (GPU)
-                        w.copy_(w_done)
+                    # (a softmax that is not in place, as on GPUs, makes a new tensor)
+                    w = kept[b][c] = softmax_in_place(w)
                     _bmm_into(w, v3[start:stop, :keys], out[start:stop, q0:q1])
-        ctx.save_for_backward(qc3, qp3, k3, v3, r, out, distances, *kept)
+        ctx.save_for_backward(qc3, qp3, k3, v3, r, out, distances, *_flat(kept))
         ctx.scale = scale
         ctx.chunks = chunks
+        ctx.blocks = blocks
         ctx.shape = (batch, heads, num_queries, num_keys, num_dist)
         return out.view(batch, heads, num_queries, -1)
 
@@ -648,7 +663,8 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         batch, heads, num_queries, num_keys, num_dist = ctx.shape
         qc3, qp3, k3, v3, r, out, distances, *kept = ctx.saved_tensors
-        chunks = ctx.chunks
+        chunks, blocks = ctx.chunks, ctx.blocks
+        kept = _unflat(kept, len(chunks))
         with no_autocast(out.device.type):
             # pairs with bias -inf have weight 0 and get score gradient 0
             grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
@@ -656,13 +672,11 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
             grad_bias = (out.new_zeros(batch, num_queries, num_keys)
                          if ctx.needs_input_grad[6] else None)
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
-            blocks = _head_blocks(batch, heads, rows * max(num_keys, num_dist)
-                                  * out.element_size(), out.device)
             largest = max(stop - start for start, stop, *_ in blocks)
             grad_buf = out.new_empty(largest * rows * num_keys)
             table_buf = out.new_empty(largest * rows * num_dist)
             positions = _block_positions(r, blocks)
-            for block in blocks:
+            for b, block in enumerate(blocks):
                 start, stop, b0, b1, h0, h1 = block
                 size, r_block = stop - start, positions(block)
                 # the last chunk sees every key: it writes grad_k and grad_v first
@@ -670,7 +684,7 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
                     q0, q1, keys, _ = chunks[c]
                     first = c == len(chunks) - 1
                     shape4 = (b1 - b0, h1 - h0, q1 - q0)
-                    w, g = kept[c][start:stop], grad_out[start:stop, q0:q1]
+                    w, g = kept[b][c], grad_out[start:stop, q0:q1]
                     qc_c, qp_c = qc3[start:stop, q0:q1], qp3[start:stop, q0:q1]
                     _bmm_into(w.transpose(1, 2), g, grad_v[start:stop, :keys], first)
                     grad_scores = torch.bmm(g, v3[start:stop, :keys].transpose(1, 2),
