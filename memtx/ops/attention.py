@@ -291,8 +291,8 @@ class _RelativeAttention(torch.autograd.Function):
     scores (content matmul, position scores added through the shift view, mask and softmax in
     place) then the output; in backward the score gradient, one copy back through the shift,
     and the four matmuls it feeds. The attention weights are the only (B, H, T, K)-sized
-    tensors, kept for backward, or not even they with ``recompute`` (backward rebuilds each
-    block's weights just before using them). The generic path (shift view + baddbmm +
+    tensors, kept for backward one block at a time (:func:`_kept_weights`), or not even they
+    with ``recompute`` (backward rebuilds each block's weights just before using them). The generic path (shift view + baddbmm +
     masked_fill through autograd) makes several (B, H, T, K) tensors per layer."""
 
     @staticmethod
@@ -509,7 +509,8 @@ def relative_memory_attention(
     scores each (CPU), so only the kept weights reach (B, H, T, K); every other tensor of that
     size (position scores, score gradients) is one block, reused. A segment that is at least
     half of the keys runs in up to 4 chunks of queries, each skipping the keys after its last
-    query (same results).
+    query (same results). A single query without autograd (a streamed token) goes to the fused
+    attention kernel with its position scores as a score bias (:func:`_one_query_attention`).
 
     Returns:
         (B, H, T, D) attention output; equals :func:`relative_memory_attention_ref`.
@@ -741,6 +742,9 @@ def pairwise_relative_attention(
         causal: the last T keys are the segment's and ``bias`` hides from each query the
             segment keys after it (lower-right aligned, as in :func:`relative_memory_attention`).
             The results do not change; the op may then skip those keys (chunks of queries).
+
+    A single query without autograd (a streamed token) goes to the fused attention kernel, its
+    gathered position scores and ``bias`` as the score bias.
 
     Returns:
         (B, H, T, D); equals :func:`pairwise_relative_attention_ref`.
