@@ -14,8 +14,7 @@ applied to every (query, key) pair, those of the current segment included (a key
 always has ``m = 1``, so no query loses all its keys). Attention is renormalised over what remains,
 ``a_ti = m_ti exp(s_ti) / sum_j m_tj exp(s_tj)``, which is the softmax of ``s_ti + log m_ti``: the
 mask rides in the additive score bias (``LOG_ZERO = -1e30`` where ``m = 0``, a weight of exactly
-0). The seed instead multiplies the
-softmax output by the mask and never renormalises.
+0). The seed instead multiplies the softmax output by the mask and never renormalises.
 
 Spans are *recomputed* every segment from the stored entries (a stop-gradient) with the live
 ``w, b`` rather than stored in the state: stored spans would be constants, and the language-model

@@ -648,6 +648,12 @@ class MemoryXL(MemoryLM):
             state.valid,
         ), dim=1)
 
+    def _slot_offset(self, stored: Tensor) -> Tensor:
+        """The slot offset F of :meth:`_key_slots` for rows holding ``stored`` short-memory
+        positions: ``min(M + dim, mem_len + lmem_len)``, the seed's."""
+        cfg = self.config
+        return (stored + cfg.dim).clamp(max=cfg.mem_len + cfg.lmem_len)
+
     def _key_slots(self, state: MemoryXLState, num_segment_keys: int) -> tuple[Tensor, Tensor]:
         """Slots (see :func:`learned_table_index`) of a memory layer's keys and of another
         layer's keys, each (B, K).
@@ -662,7 +668,7 @@ class MemoryXL(MemoryLM):
         batch, lmem_len = state.lmem.shape[:2]
         device = state.valid.device
         stored = state.valid.sum(dim=1)  # (B,)
-        offset = (stored + cfg.dim).clamp(max=cfg.mem_len + cfg.lmem_len)  # F, (B,)
+        offset = self._slot_offset(stored)  # F, (B,)
         segment_slots = offset[:, None] + torch.arange(num_segment_keys, device=device)
         exists = torch.cat((
             state.valid.new_ones(batch, cfg.num_mem_kv),
@@ -705,7 +711,7 @@ class MemoryXL(MemoryLM):
                 distances = relative_distances(short_len + num_segment_keys, x.device)
                 sinusoids = sinusoid(distances, cfg.dim).to(x.dtype)
         elif prefix_valid is None:  # every key exists: the table is a relative shift
-            offset = min(short_len + cfg.dim, cfg.mem_len + cfg.lmem_len)  # see _key_slots
+            offset = int(self._slot_offset(torch.tensor(short_len)))  # the same in every row
             memory_prefix = cfg.num_mem_kv + state.lmem.shape[1] + short_len
             memory_r, other_r = (
                 learned_positions_as_relative(self.pos_table, cfg.seq_len, offset, prefix,

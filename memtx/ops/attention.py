@@ -292,8 +292,9 @@ class _RelativeAttention(torch.autograd.Function):
     place) then the output; in backward the score gradient, one copy back through the shift,
     and the four matmuls it feeds. The attention weights are the only (B, H, T, K)-sized
     tensors, kept for backward one block at a time (:func:`_kept_weights`), or not even they
-    with ``recompute`` (backward rebuilds each block's weights just before using them). The generic path (shift view + baddbmm +
-    masked_fill through autograd) makes several (B, H, T, K) tensors per layer."""
+    with ``recompute`` (backward rebuilds each block's weights just before using them). The
+    generic path (shift view + baddbmm + masked_fill through autograd) makes several
+    (B, H, T, K) tensors per layer."""
 
     @staticmethod
     def forward(ctx, qc, qp, k, v, r, blocked, scale, mode):
@@ -448,6 +449,7 @@ def _kept_weights(like: Tensor, blocks, chunks) -> list[list[Tensor]]:
 
 
 def _flat(kept: list[list[Tensor]]) -> list[Tensor]:
+    """The kept weights as one list, for ``save_for_backward``; :func:`_unflat` undoes it."""
     return [w for per_block in kept for w in per_block]
 
 
@@ -764,17 +766,17 @@ def pairwise_relative_attention(
     if k.shape[1] != heads:
         k = k.expand(-1, heads, -1, -1)
         v = v.expand(-1, heads, -1, -1)
-    if dropout_p:
-        scores = gather_position_scores(q_position * scale, r, distances) + bias[:, None]
-        return memory_attention(q_content, k, v, bias=scores, scale=scale, dropout_p=dropout_p,
-                                causal=False)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q_content, q_position, k, v, r, bias))
-    if num_queries == 1 and not grad:  # a streamed token: its scores' bias, one kernel call
-        scores = gather_position_scores(q_position.to(dtype) * scale, r.to(dtype), distances)
+    if dropout_p or (num_queries == 1 and not grad):
+        # the whole score bias at once: with dropout through autograd, for a streamed token
+        # (one query, no autograd) as the bias of one fused-kernel call
+        scores = gather_position_scores(q_position * scale, r, distances) + bias[:, None]
+        if dropout_p:
+            return memory_attention(q_content, k, v, bias=scores, scale=scale,
+                                    dropout_p=dropout_p, causal=False)
         return F.scaled_dot_product_attention(q_content, k.to(dtype), v.to(dtype),
-                                              attn_mask=scores + bias.to(dtype)[:, None],
-                                              scale=scale)
+                                              attn_mask=scores.to(dtype), scale=scale)
     return _PairwiseRelativeAttention.apply(
         q_content, q_position.to(dtype), k.to(dtype), v.to(dtype), r.to(dtype), distances,
         bias.to(dtype), scale, causal and num_queries > 1,
