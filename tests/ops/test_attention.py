@@ -160,6 +160,31 @@ def test_relative_attention_float32_and_bfloat16_autocast(recompute):
     assert low.dtype == torch.bfloat16 and rel_rms(low, ref) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_valid", [False, True], ids=["causal", "invalid-memory"])
+def test_relative_attention_masks_keys_whose_scores_overflow(dtype, with_valid):
+    # the masks are added to the scores as 0 / -inf (faster than masked_fill on the CPU), except
+    # in float16, whose scores can overflow to +inf, where inf - inf would be NaN: a key after
+    # every query but the last, or an invalid memory key, scores +inf for every query in float16
+    qc, qp, k, v, r, valid = _rel_inputs(1, 2, 6, 4, 0, dim=8)
+    valid = valid if with_valid else None
+    with torch.no_grad():
+        qc.fill_(1.0)
+        k[:, :, -1] = 6e4  # the last key: seen only by the last query
+        if with_valid:
+            k[:, :, ~valid[0]] = 6e4
+    kept = k.clone()
+    kept[:, :, -1] = 0  # what the first T - 1 queries may see
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (qc, qp, k, v, r)]
+    fast = relative_memory_attention(*inputs, key_valid=valid)
+    loss_rows = fast[:, :, :-1]  # the last query sees the overflowing key itself
+    ref = relative_memory_attention_ref(qc, qp, kept, v, r, key_valid=valid)[:, :, :-1]
+    assert torch.isfinite(loss_rows).all()
+    assert rel_rms(loss_rows.double(), ref) < (5e-3 if dtype == torch.float16 else 1e-5)
+    for g in grads(loss_rows.float(), inputs[:2]):  # the last query's own output is not finite
+        assert torch.isfinite(g[:, :, :-1]).all()
+
+
 def test_relative_attention_recompute_keeps_no_attention_weights_for_backward():
     batch, heads, length, mem = 2, 4, 128, 128
     qc, qp, k, v, r, _ = _rel_inputs(batch, heads, length, mem, 0)
