@@ -177,6 +177,22 @@ def _shifted(base: Tensor, num_queries: int, num_pos: int) -> Tensor:
                            base.storage_offset() + num_queries - 1)
 
 
+def _unshifted(padded: Tensor, num_queries: int) -> Tensor:
+    """The gradient (N, T, K) of the per-distance position scores (column c = distance K-1-c),
+    as a view of the score gradient ``padded`` (N, T + 1, K) of queries whose every key has a
+    position, stored after a zero row: the transpose of :func:`_shifted`, ``g[n, i, c] =
+    padded[n, 1 + i, c - (T - 1 - i)]``, with no copy.
+
+    With row stride K + 1, row i reads its own keys from column T - 1 - i on (distances at
+    most its own: keys at or before it); left of that it reads the end of the row before,
+    keys after query i - 1, which are masked (score gradient 0), or for i = 0 the zero row.
+    So every entry is the gradient of its distance, or 0 where the query has no key at it.
+    """
+    n, rows, num_keys = padded.shape
+    return padded.as_strided((n, num_queries, num_keys), (padded.stride(0), num_keys + 1, 1),
+                             padded.storage_offset() + num_keys - (num_queries - 1))
+
+
 def softmax_in_place(scores: Tensor) -> Tensor:
     """Softmax over the last dim, into ``scores``'s own storage on CPU (the kernel works row by
     row, so no (B H, T, K) temporary beside the scores; tested to equal the out-of-place
@@ -390,9 +406,14 @@ class _RelativeAttention(torch.autograd.Function):
             chunks, blocks = ctx.chunks, ctx.blocks
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
             largest = max(stop - start for start, stop, *_ in blocks)
-            grad_buf = out.new_empty(largest * rows * num_keys)
+            # every key has a position in every chunk: the position gradient is a view of the
+            # score gradient (_unshifted), which then gets a zero row before each matrix
+            unshift = num_queries > 1 and num_keys == num_pos
+            grad_buf = out.new_empty(largest * (rows + unshift) * num_keys)
             w_buf = out.new_empty(largest * rows * num_keys) if kept is None else None
-            pos_buf = out.new_empty(largest * rows * num_pos) if num_queries > 1 else None
+            pos_buf = (out.new_empty(largest * rows * num_pos)
+                       if num_queries > 1 and not (unshift and kept is not None) else None)
+            g_buf = out.new_empty(largest * (rows + 1) * out.shape[-1]) if unshift else None
             positions = _block_positions(r, blocks)
             for b, block in enumerate(blocks):
                 start, stop, b0, b1, h0, h1 = block
@@ -417,13 +438,23 @@ class _RelativeAttention(torch.autograd.Function):
                     g = grad_out[mats, q0:q1]
                     _bmm_into(w.transpose(1, 2), g, grad_v[mats, :keys], first)
                     # masked entries have weight 0, so their score gradient is 0
-                    grad_scores = torch.bmm(g, v_c.transpose(1, 2),
-                                            out=_buffer(grad_buf, size, q1 - q0, keys))
+                    if unshift:  # a zero row before each matrix, from a zero row of g
+                        g_zero = _buffer(g_buf, size, q1 - q0 + 1, g.shape[-1])
+                        g_zero[:, 0].zero_()  # (chunks of other sizes moved the rows)
+                        g_zero[:, 1:].copy_(g)
+                        padded = torch.bmm(g_zero, v_c.transpose(1, 2),
+                                           out=_buffer(grad_buf, size, q1 - q0 + 1, keys))
+                        grad_scores = padded[:, 1:]
+                    else:
+                        grad_scores = torch.bmm(g, v_c.transpose(1, 2),
+                                                out=_buffer(grad_buf, size, q1 - q0, keys))
                     grad_scores.sub_(delta[mats, q0:q1]).mul_(w)
                     _bmm_into(grad_scores, k_c, grad_qc[mats, q0:q1])
                     _bmm_into(grad_scores.transpose(1, 2), qc_c, grad_k[mats, :keys], first)
                     grad_pos_keys = grad_scores[..., keys - pos:]
-                    if q1 - q0 > 1:
+                    if unshift:
+                        grad_pos = _unshifted(padded, q1 - q0)
+                    elif q1 - q0 > 1:
                         grad_pos = _buffer(pos_buf, size, q1 - q0, pos)
                         grad_pos[:, 0, : q1 - q0 - 1].zero_()  # never read by the shift view
                         view = _shifted(grad_pos, q1 - q0, pos)

@@ -359,8 +359,9 @@ def test_relative_attention_backward_twice_gives_the_same_gradients(recompute):
 
 @pytest.mark.parametrize("query_chunk", [64, 2], ids=["one-query-chunk", "query-chunks-of-2"])
 @pytest.mark.parametrize("matrices", [1, 2, 8], ids=["single-heads", "head-pairs", "two-rows"])
-@pytest.mark.parametrize("length,mem,extra", [(6, 5, 0), (7, 4, 3), (1, 6, 0), (1, 4, 3)],
-                         ids=["T6", "T7-keys-without-positions", "T1", "T1-keys-without-positions"])
+@pytest.mark.parametrize("length,mem,extra", [(6, 5, 0), (7, 4, 0), (7, 4, 3), (1, 6, 0), (1, 4, 3)],
+                         ids=["T6", "T7", "T7-keys-without-positions", "T1",
+                              "T1-keys-without-positions"])
 @pytest.mark.parametrize("use_valid", [False, True], ids=["all-valid", "padded-memory"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-weights", "recompute"])
 def test_relative_attention_in_blocks_of_heads_matches_reference(monkeypatch, query_chunk, matrices,
