@@ -210,16 +210,18 @@ def _flatten_heads(qc, qp, k, v, scale):
             k.reshape(n, k.shape[-2], dim), v.reshape(n, v.shape[-2], v.shape[-1]))
 
 
-def _backward_start(grad_out, out, qc3, qp3, k3, v3, r, need_r):
+def _backward_start(grad_out, out, qc3, qp3, k3, v3, r, need_r, r_transposed=False):
     """What both attention nodes' backward passes begin with: the output gradient as
     (B H, T, D), the softmax-backward row sums ``delta`` and the gradient tensors (``grad_r``
-    zeroed, or None). The softmax backward is dS = W * (dW - sum_j dW_ij W_ij), where the row
+    zeroed, or None; (H, D, P) with ``r_transposed``). The softmax backward is dS = W * (dW - sum_j dW_ij W_ij), where the row
     sum is sum_j (dO_i . v_j) W_ij = dO_i . O_i, a (B H, T) product; pairs with weight 0 (masked)
     get score gradient 0."""
     grad_out = grad_out.reshape(out.shape).to(out.dtype)
     delta = (grad_out * out).sum(-1, keepdim=True)
     grads = (torch.empty_like(qc3), torch.empty_like(qp3), torch.empty_like(k3),
-             torch.empty_like(v3), torch.zeros_like(r) if need_r else None)
+             torch.empty_like(v3),
+             (r.new_zeros(r.shape[0], r.shape[2], r.shape[1]) if r_transposed
+              else torch.zeros_like(r)) if need_r else None)
     return grad_out, delta, grads
 
 
@@ -402,7 +404,7 @@ class _RelativeAttention(torch.autograd.Function):
             blocked = None
         with no_autocast(out.device.type):
             grad_out, delta, (grad_qc, grad_qp, grad_k, grad_v, grad_r) = _backward_start(
-                grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4])
+                grad_out, out, qc3, qp3, k3, v3, r, ctx.needs_input_grad[4], r_transposed=True)
             chunks, blocks = ctx.chunks, ctx.blocks
             rows = max(q1 - q0 for q0, q1, *_ in chunks)
             largest = max(stop - start for start, stop, *_ in blocks)
@@ -466,9 +468,14 @@ class _RelativeAttention(torch.autograd.Function):
                         grad_pos = grad_pos_keys
                     _bmm_into(grad_pos, r_c, grad_qp[mats, q0:q1])
                     if grad_r is not None:  # sums over the batch and the chunks
-                        target = grad_r[h0:h1, num_pos - pos:]
-                        for row in _block_rows(block):
-                            _bmm_into(grad_pos[row].transpose(1, 2), qp_c[row], target, False)
+                        # as (D, P) per head: qp^T @ grad_pos runs faster than its transpose
+                        # (the product's rows are the long side), then the sum over batch rows
+                        per_matrix = torch.bmm(qp_c.transpose(1, 2), grad_pos)
+                        target = grad_r[h0:h1, :, num_pos - pos:]
+                        target.add_(per_matrix.view(b1 - b0, h1 - h0, -1, pos).sum(0)
+                                    if b1 > b0 + 1 else per_matrix)
+        if grad_r is not None:
+            grad_r = grad_r.transpose(1, 2)
         return (*_backward_end(grad_qc, grad_qp, grad_k, grad_v, ctx.scale, batch, heads),
                 grad_r, None, None, None)
 
