@@ -331,15 +331,19 @@ class _RelativeAttention(torch.autograd.Function):
         if num_queries == 1 and num_pos == num_keys:  # one query: already aligned
             torch.bmm(qp, r.transpose(1, 2), out=w).baddbmm_(qc, k.transpose(1, 2))
         else:
-            # content scores written once, then the position scores added through the shift
-            # (keys without positions are never written twice)
-            torch.bmm(qc, k.transpose(1, 2), out=w)
+            # position scores, then the content scores added to them through the shift in one
+            # matmul where every key has a position (baddbmm copies the shifted view into w
+            # first), else written once with the position scores added to their keys
             pos = (w.new_empty(w.shape[0], num_queries, num_pos) if pos_buf is None
                    else _buffer(pos_buf, w.shape[0], num_queries, num_pos))
             torch.bmm(qp, r.transpose(1, 2), out=pos)
             if num_queries > 1:
                 pos = _shifted(pos, num_queries, num_pos)
-            w[..., num_keys - num_pos:].add_(pos)
+            if num_pos == num_keys:
+                torch.baddbmm(pos, qc, k.transpose(1, 2), out=w)
+            else:
+                torch.bmm(qc, k.transpose(1, 2), out=w)
+                w[..., num_keys - num_pos:].add_(pos)
         if blocked is not None:
             # blocked covers the last blocked.shape[-1] keys (the segment's, when only the causal
             # mask applies): the pass over the scores skips the memory columns. A float mask is
