@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     if args.command != "quality":
         result["retain_freed_memory"] = retaining
+        result["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

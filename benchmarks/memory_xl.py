@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     result: dict[str, Any] = {"torch": torch.__version__, "threads": 2, "batch_size": args.batch_size,
-                              "retain_freed_memory": apply_allocator_flag(args)}
+                              "retain_freed_memory": apply_allocator_flag(args),
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if args.quality:
         result["quality"] = quality(args.minutes, args.data, args.seed, args.quality_sizes, 8)
     else:

@@ -181,6 +181,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "retain_freed_memory": allocator.is_retaining(),
+        # PASSIVE makes OpenMP's workers sleep between ops: every op then pays their wake-up
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
