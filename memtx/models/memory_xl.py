@@ -504,15 +504,41 @@ class LongMemoryWriter(nn.Module):
             return x.transpose(2, 3).reshape(batch, length, -1)
         return x.transpose(1, 2).reshape(batch, length, -1)
 
+    def context_kv(self, state: MemoryXLState, hiddens: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, L (M + T) + S, D) of the writer's context: per memory layer
+        its short memory and segment inputs ``hiddens`` (L, B, T, E) plus that layer's depth
+        embedding, then the S learned ``mem_kv`` rows.
+
+        The stored states are constants and the depth embedding is one scalar per layer added
+        to every feature, which adds ``depth * W.sum(1)`` to the projection ``W``: so the
+        projection runs over the constants alone and autograd forms no gradient for them (a
+        matmul as large as the projection, 8,208 x 512 x 256 per step at mem 256, formed only
+        to reach the L depth scalars). Written head-major, so that exp(k) and v reach e^T v as
+        they are: from the split views the matmul would keep a transposed copy of exp(k)
+        besides the one exp keeps (20 MiB at mem 1024)."""
+        stored = torch.cat((state.mem, hiddens), dim=2)  # (L, B, N, E)
+        num_layers, batch, length, dim = stored.shape
+        heads, head_dim = self.heads, self.head_dim
+        depth_shift = self.depth_emb[:, None] * self.to_kv.weight.sum(1)  # (L, 2E)
+        kv = self.to_kv(stored) + depth_shift[:, None, None]  # (L, B, N, 2E)
+        kv_mem = self.to_kv(self.mem_kv)  # (S, 2E)
+        num_stored = num_layers * length
+        parts = []
+        for half in (slice(0, dim), slice(dim, 2 * dim)):
+            t = kv.new_empty(batch, heads, num_stored + kv_mem.shape[0], head_dim)
+            t[:, :, :num_stored].view(batch, heads, num_layers, length, head_dim).copy_(
+                kv[..., half].view(num_layers, batch, length, heads, head_dim).permute(1, 3, 0, 2, 4))
+            t[:, :, num_stored:].copy_(
+                kv_mem[:, half].view(-1, heads, head_dim).transpose(0, 1).expand(batch, -1, -1, -1))
+            parts.append(t)
+        return parts[0], parts[1]
+
     def forward(self, state: MemoryXLState, hiddens: Tensor) -> Tensor:
         """The next long memory (B, N, E) from ``state`` and the memory layers' inputs
         ``hiddens`` (L, B, T, E), which must already be detached."""
         num_layers, batch, _, dim = hiddens.shape
         lmem = torch.where(state.lmem_valid[:, None, None], state.lmem, self.init_lmem)
         lmem = lmem + self.slot_emb
-        context = torch.cat((state.mem, hiddens), dim=2) + self.depth_emb[:, None, None, None]
-        context = context.transpose(0, 1).reshape(batch, -1, dim)  # (B, L (M + T), E)
-        context = torch.cat((context, self.mem_kv.expand(batch, -1, -1)), dim=1)
         context_valid = None
         if not bool(state.valid.all()):
             ones = state.valid.new_ones(batch, num_layers, hiddens.shape[2])
@@ -520,11 +546,8 @@ class LongMemoryWriter(nn.Module):
             context_valid = torch.cat(
                 (stored.reshape(batch, -1), state.valid.new_ones(batch, self.mem_kv.shape[0])), dim=1
             )
-        # the context does not change between rounds: project and summarise it once. Head-major
-        # copies, so that exp(k) and v reach e^T v as they are: from the split views the matmul
-        # would keep a transposed copy of exp(k) besides the one exp keeps (20 MiB at mem 1024)
-        k_context, v_context = (self._split(t).contiguous()
-                                for t in self.to_kv(context).chunk(2, dim=-1))
+        # the context does not change between rounds: project and summarise it once
+        k_context, v_context = self.context_kv(state, hiddens)
         summary = summarize_keys(k_context, v_context, context_valid)
         for _ in range(self.iters):
             normed = self.norm(lmem)

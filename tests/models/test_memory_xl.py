@@ -326,6 +326,39 @@ def test_summarised_linear_attention_equals_the_plain_one_with_gradients():
         assert rel_rms(a, b) < 1e-5
 
 
+def test_writer_context_projection_equals_projecting_the_context_with_its_depth_embedding():
+    # the writer projects the stored states alone and adds depth * W.sum(1): the same keys and
+    # values, and the same gradients for the depth embedding, mem_kv and W, as projecting
+    # [states of layer l + depth[l]; mem_kv] (B, L (M + T) + S, E) the plain way
+    model = _build().double()  # both layers are memory layers
+    writer = model.writer
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        writer.depth_emb.copy_(torch.randn(writer.depth_emb.shape, generator=g, dtype=torch.float64))
+    num_layers, batch, mem, length, dim = 2, 3, 5, 8, 32
+    state = MemoryXLState(mem=torch.randn(num_layers, batch, mem, dim, generator=g,
+                                          dtype=torch.float64),
+                          valid=torch.ones(batch, mem, dtype=torch.bool),
+                          lmem=torch.zeros(batch, 6, dim, dtype=torch.float64),
+                          lmem_valid=torch.zeros(batch, dtype=torch.bool))
+    hiddens = torch.randn(num_layers, batch, length, dim, generator=g, dtype=torch.float64)
+    params = [writer.depth_emb, writer.mem_kv, writer.to_kv.weight]
+    k, v = writer.context_kv(state, hiddens)
+
+    context = torch.cat((state.mem, hiddens), dim=2) + writer.depth_emb[:, None, None, None]
+    context = context.transpose(0, 1).reshape(batch, -1, dim)
+    context = torch.cat((context, writer.mem_kv.expand(batch, -1, -1)), dim=1)
+    k_plain, v_plain = (t.view(batch, -1, writer.heads, writer.head_dim).transpose(1, 2)
+                        for t in writer.to_kv(context).chunk(2, dim=-1))
+    stored = num_layers * (mem + length)
+    assert k.shape == k_plain.shape == (batch, writer.heads, stored + 2, writer.head_dim)
+    assert rel_rms(k, k_plain) < 1e-12 and rel_rms(v, v_plain) < 1e-12
+    fast = grads(torch.stack((k, v)), params)
+    plain = grads(torch.stack((k_plain, v_plain)), params)
+    for a, b in zip(fast, plain):
+        assert rel_rms(a, b) < 1e-12
+
+
 @pytest.mark.parametrize("config", [pytest.param({}, id="sinusoid"), pytest.param(SEED_SKELETON, id="seed-skeleton")])
 def test_checkpointed_attention_gives_the_same_gradients(config):
     torch.manual_seed(1)
