@@ -193,7 +193,7 @@ def run_quality(args: argparse.Namespace) -> dict:
             lr = args.lr * min(1.0, (r["steps"] + 1) / 50)
             for group in r["optimizer"].param_groups:
                 group["lr"] = lr
-            out = r["model"](x, r["state"], targets=y)
+            out = r["model"](x, r["state"], targets=y, detach_state=True)
             (out.loss + out.aux_loss).backward()
             torch.nn.utils.clip_grad_norm_(r["model"].parameters(), 1.0)
             r["optimizer"].step()

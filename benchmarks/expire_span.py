@@ -100,7 +100,7 @@ def memory_report(args: argparse.Namespace) -> dict[str, Any]:
         for name, model in models.items():
             model.train()
             batch = next(streams[name])
-            out = model(batch.inputs, states[name], targets=batch.answer_targets)
+            out = model(batch.inputs, states[name], targets=batch.answer_targets, detach_state=True)
             (out.loss + out.aux_loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizers[name].step()

@@ -88,7 +88,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         carried["memtx"] = out.state.detach()
 
     def lm_step() -> None:
-        out = lm(text[:, :-1], carried["memtx_lm"], targets=text[:, 1:])
+        out = lm(text[:, :-1], carried["memtx_lm"], targets=text[:, 1:], detach_state=True)
         out.loss.backward()
         optimizers["memtx_lm"].step()
         optimizers["memtx_lm"].zero_grad(set_to_none=True)

@@ -142,7 +142,7 @@ def quality(minutes: float, data: Path, seed: int, sizes: dict[str, Any], batch_
                 cursor, run["state"] = 0, None
             seg = streams[:, cursor : cursor + seq_len + 1]
             model.train()
-            out = model(seg[:, :-1], run["state"], targets=seg[:, 1:])
+            out = model(seg[:, :-1], run["state"], targets=seg[:, 1:], detach_state=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             run["opt"].step()

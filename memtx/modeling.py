@@ -5,6 +5,8 @@
     out = model(input_ids, state=None, targets=None)   # input_ids: LongTensor (B, T), T <= seq_len
     out.logits     # (B, T, vocab)
     out.state      # memory for the next segment; the state passed in is never modified
+                   # (model(..., detach_state=True): returned detached, and built without a graph
+                   # where the model can, e.g. Memory-XL's long-memory write)
     out.loss       # mean cross-entropy in nats over targets (ignore_index -100), else None
     out.aux_loss   # the model's own auxiliary loss, already weighted (0-dim zero if none)
     state = model.init_state(batch_size, device=..., dtype=...)  # an empty memory
@@ -16,6 +18,7 @@ loss, saving and streaming generation are written once here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,6 +59,7 @@ class MemoryLM(nn.Module):
     arch: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]]
     state_class: ClassVar[type[State]]
+    _detaching_state = False  # inside forward(..., detach_state=True)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -122,7 +126,20 @@ class MemoryLM(nn.Module):
         input_ids: Tensor,
         state: State | None = None,
         targets: Tensor | None = None,
+        *,
+        detach_state: bool = False,
     ) -> LMOutput:
+        """One segment: logits, the next state, the loss against ``targets`` and the auxiliary
+        loss (see the module docstring).
+
+        ``detach_state=True`` returns the next state detached, as ``out.state.detach()`` would,
+        for a caller that cuts the graph after this segment (truncated backprop through one
+        segment, or the last segment of a step). A model whose next state would carry a graph
+        of its own (Memory-XL's long-memory writer, Memformer's slot writer) then computes it
+        without one, so no activations are kept for a backward pass that never reaches them
+        (Memory-XL at mem 1024: the writer's graph holds about 80 MiB until the state is
+        dropped). Logits, losses and their gradients are the same.
+        """
         self.check_input_ids(input_ids)
         batch_size = input_ids.shape[0]
         if state is None:
@@ -131,9 +148,20 @@ class MemoryLM(nn.Module):
             self.check_state(state, batch_size, input_ids.device)
         if targets is not None:
             self.check_targets(targets, input_ids)
-        logits, next_state, aux_loss = self.forward_segment(input_ids, state)
+        self._detaching_state = detach_state
+        try:
+            logits, next_state, aux_loss = self.forward_segment(input_ids, state)
+        finally:
+            self._detaching_state = False
+        if detach_state:
+            next_state = next_state.detach()
         loss = None if targets is None else lm_loss(logits, targets)
         return LMOutput(logits=logits, state=next_state, loss=loss, aux_loss=aux_loss)
+
+    def state_update(self) -> contextlib.AbstractContextManager:
+        """Context for the part of :meth:`forward_segment` that only builds the next state:
+        without autograd inside ``forward(..., detach_state=True)``, as is."""
+        return torch.no_grad() if self._detaching_state else contextlib.nullcontext()
 
     def check_input_ids(self, input_ids: Tensor) -> None:
         """Raise :class:`InputError` unless ``input_ids`` is a valid (B, T) segment."""

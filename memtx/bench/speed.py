@@ -116,11 +116,12 @@ def memtx_steps(model: memtx.MemoryLM, batch_size: int, seed: int) -> tuple[Step
 
     def train() -> None:
         model.train()
-        out = model(inputs, train_state[0], targets=targets)
+        # the state is cut after every step: returned detached, built without a graph
+        out = model(inputs, train_state[0], targets=targets, detach_state=True)
         (out.loss + out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_state[0] = out.state.detach()
+        train_state[0] = out.state
 
     @torch.no_grad()
     def infer() -> None:

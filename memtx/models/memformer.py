@@ -526,7 +526,9 @@ class Memformer(MemoryLM):
         encoded, _ = self.run_encoder(input_ids, slots)
         logits = self.head(encoded)
         aux_loss = torch.zeros((), device=input_ids.device, dtype=torch.float32)
-        return logits, self.write(slots, encoded), aux_loss
+        with self.state_update():
+            next_state = self.write(slots, encoded)
+        return logits, next_state, aux_loss
 
     def stream(self, state: MemformerState | None = None, batch_size: int = 1) -> "MemformerStream":
         if self.config.mode != "lm":

@@ -774,7 +774,8 @@ class MemoryXL(MemoryLM):
         logits = self.head(self.norm(x))
         # only a full segment writes, so that writes stay aligned to segment boundaries
         if input_ids.shape[1] == self.config.seq_len and hiddens:
-            state = self.write_memory(state, torch.stack(hiddens))
+            with self.state_update():
+                state = self.write_memory(state, torch.stack(hiddens))
         aux_loss = torch.zeros((), device=x.device, dtype=torch.float32)
         return logits, state, aux_loss
 

@@ -253,12 +253,14 @@ def train_step(
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             objective = torch.zeros((), device=device)
-            for seg in segments:
+            for k, seg in enumerate(segments):
                 inputs, targets = seg.inputs[row_ids], seg.targets[row_ids]
                 if seg.reset:
                     micro_state = micro_state.reset(torch.ones(len(row_ids), dtype=torch.bool))
                 with autocast_context(device, precision):
-                    out = model(inputs, micro_state, targets)
+                    # the state leaving the step is detached: built without a graph
+                    out = model(inputs, micro_state, targets,
+                                detach_state=k == len(segments) - 1)
                 micro_state = out.state
                 scored = targets != IGNORE_INDEX
                 seg_ce_sum = out.loss.float() * scored.sum()

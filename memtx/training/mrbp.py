@@ -156,7 +156,8 @@ def mrbp(
         inputs, targets, _ = specs[i]
         leaves = _with_grad_leaves(entering[i])
         _rng_restore(rng[i], device)
-        out = model(inputs, leaves, targets)
+        # the state leaving the last segment gets no gradient: built without a graph
+        out = model(inputs, leaves, targets, detach_state=i == len(specs) - 1)
         if final_state is None:
             final_state = out.state.detach()
             rng_after = _rng_snapshot(device)  # where one plain pass over all segments ends
