@@ -114,8 +114,8 @@ class MemoryXLConfig(ModelConfig):
             its own bias either way, as the seed's).
         checkpoint_attention: rebuild the attention weights and the normalised memory in the
             backward pass instead of keeping them (same results; at dim 256, mem_len 1024,
-            batch 4 the peak of steady-state training steps is 345 instead of 532 MiB, and at
-            mem_len 256 a step takes about 1.12x as long).
+            batch 4 the peak of steady-state training steps is 326 instead of 518 MiB, and at
+            mem_len 256 a step takes about 1.07x as long).
     """
 
     mem_len: int = 256
