@@ -292,15 +292,20 @@ def forward_segments(
     input_ids: Tensor,
     state: State | None = None,
     targets: Tensor | None = None,
+    *,
+    detach_state: bool = False,
 ) -> LMOutput:
     """Run a (B, N) sequence of any length through ``model`` one ``seq_len`` segment at a time,
     carrying the state; logits (B, N, V) are concatenated and the loss is the mean over all
-    scored targets. The auxiliary loss is the mean over segments."""
+    scored targets. The auxiliary loss is the mean over segments. ``detach_state`` is passed
+    to the last segment (see :meth:`MemoryLM.forward`); the segments before it keep the graph
+    through the state."""
     seq_len = model.config.seq_len
     logits, aux_losses = [], []
     for start in range(0, input_ids.shape[1], seq_len):
         seg = slice(start, start + seq_len)
-        out = model(input_ids[:, seg], state)
+        last = start + seq_len >= input_ids.shape[1]
+        out = model(input_ids[:, seg], state, detach_state=detach_state and last)
         state = out.state
         logits.append(out.logits)
         aux_losses.append(out.aux_loss)

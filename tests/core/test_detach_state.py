@@ -86,3 +86,15 @@ def test_detach_state_is_off_again_after_a_failed_forward(monkeypatch):
     monkeypatch.setattr(model, "forward_segment", real)
     out = model(torch.randint(0, 32, (1, 8)))
     assert out.state.lmem.requires_grad
+
+
+def test_forward_segments_detaches_only_the_state_after_the_last_segment():
+    model = memtx.build("memory_xl", **SMALL, mem_len=8, lmem_len=4)
+    tokens = torch.randint(0, 32, (2, 3 * 8))
+    plain = memtx.forward_segments(model, tokens, targets=tokens)
+    detached = memtx.forward_segments(model, tokens, targets=tokens, detach_state=True)
+    assert torch.equal(plain.logits, detached.logits) and torch.equal(plain.loss, detached.loss)
+    assert plain.state.lmem.requires_grad and not detached.state.lmem.requires_grad
+    # the earlier segments' writes still reach the loss: the writer gets a gradient
+    detached.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.writer.parameters())
