@@ -409,6 +409,7 @@ class Memformer(MemoryLM):
 
     config_class = MemformerConfig
     state_class = MemformerState
+    writes_state_with_parameters = True  # the slot writer
 
     def __init__(self, config: MemformerConfig) -> None:
         super().__init__(config)

@@ -567,6 +567,7 @@ class MemoryXL(MemoryLM):
 
     config_class = MemoryXLConfig
     state_class = MemoryXLState
+    writes_state_with_parameters = True  # the long-memory writer
 
     def __init__(self, config: MemoryXLConfig) -> None:
         super().__init__(config)

@@ -112,8 +112,13 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     # broadcast_buffers=False: memtx models keep no running statistics, and syncing buffers
-    # every forward would cost a collective per segment for nothing.
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # every forward would cost a collective per segment for nothing. A model whose state
+    # writer gets no gradient when the graph is cut after one segment needs DDP to look for
+    # unused parameters (the writer runs without a graph on a step's last segment, see
+    # MemoryLM.forward's detach_state, so DDP finds it unused), else the second step fails.
+    unused = bool(getattr(model, "writes_state_with_parameters", False))
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                   find_unused_parameters=unused)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
