@@ -504,10 +504,12 @@ class LongMemoryWriter(nn.Module):
             return x.transpose(2, 3).reshape(batch, length, -1)
         return x.transpose(1, 2).reshape(batch, length, -1)
 
-    def context_kv(self, state: MemoryXLState, hiddens: Tensor) -> tuple[Tensor, Tensor]:
+    def context_kv(self, state: MemoryXLState, hiddens: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Keys and values (B, H, L (M + T) + S, D) of the writer's context: per memory layer
         its short memory and segment inputs ``hiddens`` (L, B, T, E) plus that layer's depth
-        embedding, then the S learned ``mem_kv`` rows.
+        embedding, then the S learned ``mem_kv`` rows; and their validity (B, L (M + T) + S),
+        or None when every stored position is filled.
 
         The stored states are constants and the depth embedding is one scalar per layer added
         to every feature, which adds ``depth * W.sum(1)`` to the projection ``W``: so the
@@ -531,23 +533,21 @@ class LongMemoryWriter(nn.Module):
             t[:, :, num_stored:].copy_(
                 kv_mem[:, half].view(-1, heads, head_dim).transpose(0, 1).expand(batch, -1, -1, -1))
             parts.append(t)
-        return parts[0], parts[1]
+        valid = None
+        if not bool(state.valid.all()):  # empty short-memory positions, in every layer
+            segment = state.valid.new_ones(batch, hiddens.shape[2])
+            per_layer = torch.cat((state.valid, segment), dim=1)  # (B, M + T)
+            valid = torch.cat((per_layer.repeat(1, num_layers),
+                               state.valid.new_ones(batch, kv_mem.shape[0])), dim=1)
+        return parts[0], parts[1], valid
 
     def forward(self, state: MemoryXLState, hiddens: Tensor) -> Tensor:
         """The next long memory (B, N, E) from ``state`` and the memory layers' inputs
         ``hiddens`` (L, B, T, E), which must already be detached."""
-        num_layers, batch, _, dim = hiddens.shape
         lmem = torch.where(state.lmem_valid[:, None, None], state.lmem, self.init_lmem)
         lmem = lmem + self.slot_emb
-        context_valid = None
-        if not bool(state.valid.all()):
-            ones = state.valid.new_ones(batch, num_layers, hiddens.shape[2])
-            stored = torch.cat((state.valid[:, None].expand(-1, num_layers, -1), ones), dim=2)
-            context_valid = torch.cat(
-                (stored.reshape(batch, -1), state.valid.new_ones(batch, self.mem_kv.shape[0])), dim=1
-            )
         # the context does not change between rounds: project and summarise it once
-        k_context, v_context = self.context_kv(state, hiddens)
+        k_context, v_context, context_valid = self.context_kv(state, hiddens)
         summary = summarize_keys(k_context, v_context, context_valid)
         for _ in range(self.iters):
             normed = self.norm(lmem)

@@ -343,7 +343,8 @@ def test_writer_context_projection_equals_projecting_the_context_with_its_depth_
                           lmem_valid=torch.zeros(batch, dtype=torch.bool))
     hiddens = torch.randn(num_layers, batch, length, dim, generator=g, dtype=torch.float64)
     params = [writer.depth_emb, writer.mem_kv, writer.to_kv.weight]
-    k, v = writer.context_kv(state, hiddens)
+    k, v, valid = writer.context_kv(state, hiddens)
+    assert valid is None  # every short-memory position is filled
 
     context = torch.cat((state.mem, hiddens), dim=2) + writer.depth_emb[:, None, None, None]
     context = context.transpose(0, 1).reshape(batch, -1, dim)
@@ -357,6 +358,12 @@ def test_writer_context_projection_equals_projecting_the_context_with_its_depth_
     plain = grads(torch.stack((k_plain, v_plain)), params)
     for a, b in zip(fast, plain):
         assert rel_rms(a, b) < 1e-12
+    # empty short-memory positions (a reset row): invalid in every layer's part of the context
+    state.valid[1, :3] = False
+    *_, valid = writer.context_kv(state, hiddens)
+    per_layer = torch.cat((state.valid, torch.ones(batch, length, dtype=torch.bool)), dim=1)
+    expected = torch.cat((per_layer, per_layer, torch.ones(batch, 2, dtype=torch.bool)), dim=1)
+    assert torch.equal(valid, expected)
 
 
 @pytest.mark.parametrize("config", [pytest.param({}, id="sinusoid"), pytest.param(SEED_SKELETON, id="seed-skeleton")])
