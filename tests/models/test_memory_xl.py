@@ -12,6 +12,7 @@ from memtx.models.memory_xl import (
     MemoryXLState,
     linear_attention,
     linear_attention_with_summary,
+    merge_key_summaries,
     summarize_keys,
 )
 from memtx.testing import grads, rel_rms
@@ -326,10 +327,32 @@ def test_summarised_linear_attention_equals_the_plain_one_with_gradients():
         assert rel_rms(a, b) < 1e-5
 
 
-def test_writer_context_projection_equals_projecting_the_context_with_its_depth_embedding():
-    # the writer projects the stored states alone and adds depth * W.sum(1): the same keys and
-    # values, and the same gradients for the depth embedding, mem_kv and W, as projecting
-    # [states of layer l + depth[l]; mem_kv] (B, L (M + T) + S, E) the plain way
+def test_merged_key_summaries_equal_the_summary_of_all_keys_with_gradients():
+    k1, v1 = (torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k2, v2 = (torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    with torch.no_grad():
+        k2[0, :, 1] += 6.0  # per feature, row 0 peaks in the second part, row 1 in the first
+        k1[1, :, 2] += 6.0
+    valid1 = torch.ones(2, 6, dtype=torch.bool)
+    valid1[1, :2] = False
+    merged = merge_key_summaries(summarize_keys(k1, v1, valid1), summarize_keys(k2, v2))
+    whole = summarize_keys(torch.cat((k1, k2), 2), torch.cat((v1, v2), 2),
+                           torch.cat((valid1, torch.ones(2, 4, dtype=torch.bool)), 1))
+    assert torch.equal(merged[0], whole[0])  # the max of the parts' maxima
+    for a, b in zip(merged[1:], whole[1:]):
+        assert rel_rms(a, b) < 1e-12
+    inputs = [k1, v1, k2, v2]
+    fast = grads(torch.cat((merged[1], merged[2]), dim=2), inputs)
+    plain = grads(torch.cat((whole[1], whole[2]), dim=2), inputs)
+    for a, b in zip(fast, plain):
+        assert rel_rms(a, b) < 1e-12
+
+
+def test_writer_context_summary_equals_summarising_the_context_projected_the_plain_way():
+    # the writer summarises one memory layer at a time, projects the stored states alone and
+    # adds depth * W.sum(1): the same summary, and the same gradients for the depth
+    # embedding, mem_kv and W, as projecting [states of layer l + depth[l]; mem_kv]
+    # (B, L (M + T) + S, E) the plain way and summarising it at once
     model = _build().double()  # both layers are memory layers
     writer = model.writer
     g = torch.Generator().manual_seed(4)
@@ -341,29 +364,31 @@ def test_writer_context_projection_equals_projecting_the_context_with_its_depth_
                           valid=torch.ones(batch, mem, dtype=torch.bool),
                           lmem=torch.zeros(batch, 6, dim, dtype=torch.float64),
                           lmem_valid=torch.zeros(batch, dtype=torch.bool))
-    hiddens = torch.randn(num_layers, batch, length, dim, generator=g, dtype=torch.float64)
+    hiddens = 3 * torch.randn(num_layers, batch, length, dim, generator=g, dtype=torch.float64)
     params = [writer.depth_emb, writer.mem_kv, writer.to_kv.weight]
-    k, v, valid = writer.context_kv(state, hiddens)
-    assert valid is None  # every short-memory position is filled
 
-    context = torch.cat((state.mem, hiddens), dim=2) + writer.depth_emb[:, None, None, None]
-    context = context.transpose(0, 1).reshape(batch, -1, dim)
-    context = torch.cat((context, writer.mem_kv.expand(batch, -1, -1)), dim=1)
-    k_plain, v_plain = (t.view(batch, -1, writer.heads, writer.head_dim).transpose(1, 2)
-                        for t in writer.to_kv(context).chunk(2, dim=-1))
-    stored = num_layers * (mem + length)
-    assert k.shape == k_plain.shape == (batch, writer.heads, stored + 2, writer.head_dim)
-    assert rel_rms(k, k_plain) < 1e-12 and rel_rms(v, v_plain) < 1e-12
-    fast = grads(torch.stack((k, v)), params)
-    plain = grads(torch.stack((k_plain, v_plain)), params)
-    for a, b in zip(fast, plain):
-        assert rel_rms(a, b) < 1e-12
-    # empty short-memory positions (a reset row): invalid in every layer's part of the context
-    state.valid[1, :3] = False
-    *_, valid = writer.context_kv(state, hiddens)
-    per_layer = torch.cat((state.valid, torch.ones(batch, length, dtype=torch.bool)), dim=1)
-    expected = torch.cat((per_layer, per_layer, torch.ones(batch, 2, dtype=torch.bool)), dim=1)
-    assert torch.equal(valid, expected)
+    def plain_summary(valid):
+        context = torch.cat((state.mem, hiddens), dim=2) + writer.depth_emb[:, None, None, None]
+        context = context.transpose(0, 1).reshape(batch, -1, dim)
+        context = torch.cat((context, writer.mem_kv.expand(batch, -1, -1)), dim=1)
+        k, v = (t.view(batch, -1, writer.heads, writer.head_dim).transpose(1, 2)
+                for t in writer.to_kv(context).chunk(2, dim=-1))
+        assert k.shape == (batch, writer.heads, num_layers * (mem + length) + 2, writer.head_dim)
+        return summarize_keys(k, v, valid)
+
+    per_layer = torch.ones(batch, mem + length, dtype=torch.bool)
+    for reset in (False, True):
+        if reset:  # empty short-memory positions (a reset row): left out in every layer
+            state.valid[1, :3] = False
+            per_layer[1, :3] = False
+        valid = torch.cat((per_layer, per_layer, torch.ones(batch, 2, dtype=torch.bool)), dim=1)
+        fast, plain = writer.context_summary(state, hiddens), plain_summary(valid)
+        for a, b in zip(fast, plain):  # the peaks too, up to the projections' rounding
+            assert rel_rms(a, b) < 1e-12
+        fast_grads = grads(torch.cat(fast[1:], dim=2), params)
+        plain_grads = grads(torch.cat(plain[1:], dim=2), params)
+        for a, b in zip(fast_grads, plain_grads):
+            assert rel_rms(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("config", [pytest.param({}, id="sinusoid"), pytest.param(SEED_SKELETON, id="seed-skeleton")])
