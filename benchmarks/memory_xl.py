@@ -6,9 +6,9 @@
     python benchmarks/memory_xl.py --quality --minutes 4  # default choice: memtx vs seed skeleton
 
 Speed: training tokens/s (forward + backward + AdamW step on one segment, memory carried and
-detached) of memtx's default config, of memtx with the seed's skeleton
-(``MemoryXLConfig.like_seed``) and of the reference with the same sizes, timed alternately
-(A B C A B C) in one process after warm-up segments that fill the memory; the reported ratios
+detached) of memtx's default config, of memtx with ``checkpoint_attention=True`` (less
+memory, slower steps), of memtx with the seed's skeleton (``MemoryXLConfig.like_seed``) and of
+the reference with the same sizes, timed alternately (A B C D A B C D) in one process after warm-up segments that fill the memory; the reported ratios
 are medians of per-round ratios. Peak memory: peak resident memory of training (the steps that
 fill the memory, then three more) above the memory held before the first step (model, optimizer,
 data), each contender in a fresh process.
@@ -61,8 +61,8 @@ def contenders(mem_len: int, batch_size: int, seed: int, which: list[str]) -> di
         torch.manual_seed(seed)
         if name == "memtx":
             out[name] = memtx_steps(memtx.build("memory_xl", **sizes), batch_size, seed)[0]
-        elif name == "memtx_no_checkpoint":
-            model = memtx.build("memory_xl", **sizes, checkpoint_attention=False)
+        elif name == "memtx_checkpoint":
+            model = memtx.build("memory_xl", **sizes, checkpoint_attention=True)
             out[name] = memtx_steps(model, batch_size, seed)[0]
         elif name == "memtx_seed_skeleton":
             model = memtx.build("memory_xl", MemoryXLConfig.like_seed(**sizes))
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-len", type=int, nargs="*", default=[256, 1024])
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--contenders", nargs="*", default=["memtx", "memtx_seed_skeleton", "reference"])
+    parser.add_argument("--contenders", nargs="*", default=["memtx", "memtx_checkpoint", "memtx_seed_skeleton", "reference"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed runs")
     parser.add_argument("--quality", action="store_true", help="only the default-choice comparison")
