@@ -212,3 +212,27 @@ class FifoMemory(State):
 
     mem: Tensor = memory_field("layer", "batch", "mem", "dim")  # (L, B, M, D)
     valid: Tensor = memory_field("batch", "mem", fill=False)  # (B, M) bool
+
+
+def append_to_fifo(mem: Tensor, valid: Tensor, new: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """The last ``keep`` positions of ``[mem; new]`` and their validity: the FIFO update of a
+    :class:`FifoMemory`-shaped memory after a segment.
+
+    Only the positions kept are copied, so the result holds exactly ``min(keep, M + T)`` of
+    them (not a view into a concatenation of all ``M + T``, which a state would keep alive
+    until the next segment).
+
+    Args:
+        mem: (L, B, M, D) memory, oldest first.  valid: (B, M) its validity.
+        new: (L, B, T, D) the segment's states, already detached and in ``mem``'s dtype;
+            all valid.
+        keep: the memory length (``mem_len``), >= 0.
+    """
+    stored, length = mem.shape[2], new.shape[2]
+    new_start = max(length - keep, 0)
+    old_start = stored - min(stored, keep - (length - new_start))
+    return (
+        torch.cat((mem[:, :, old_start:], new[:, :, new_start:]), dim=2),
+        torch.cat((valid[:, old_start:], valid.new_ones(valid.shape[0], length - new_start)), dim=1),
+    )
+

@@ -74,7 +74,7 @@ from memtx.ops.norm import layer_norm_linear, layer_norm_linear_fuses
 from memtx.ops.position import relative_distances, sinusoid
 from memtx.reference import register_converter
 from memtx.registry import register
-from memtx.state import State, memory_field
+from memtx.state import State, append_to_fifo, memory_field
 
 NO_POSITION = -1  # key slot of a key without a learned position score (see learned_table_index)
 
@@ -642,15 +642,9 @@ class MemoryXL(MemoryLM):
             return state
         hiddens = hiddens.detach().to(state.mem.dtype)
         lmem = self.writer(state, hiddens)
-        keep = self.config.mem_len
-        batch, length = hiddens.shape[1], hiddens.shape[2]
-        mem = torch.cat((state.mem, hiddens), dim=2)
-        valid = torch.cat((state.valid, state.valid.new_ones(batch, length)), dim=1)
-        start = max(mem.shape[2] - keep, 0)
-        return MemoryXLState(
-            mem=mem[:, :, start:], valid=valid[:, start:], lmem=lmem,
-            lmem_valid=state.lmem_valid.new_ones(batch),
-        )
+        mem, valid = append_to_fifo(state.mem, state.valid, hiddens, self.config.mem_len)
+        return MemoryXLState(mem=mem, valid=valid, lmem=lmem,
+                             lmem_valid=state.lmem_valid.new_ones(hiddens.shape[1]))
 
     # -- reading the memory --------------------------------------------------------------------
     def memory_prefixes(self, state: MemoryXLState) -> list[KeyValue]:

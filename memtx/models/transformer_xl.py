@@ -28,7 +28,7 @@ from memtx.layers.blocks import RelativeMemoryBlock
 from memtx.modeling import MemoryLM
 from memtx.ops.position import relative_distances, sinusoid
 from memtx.registry import register
-from memtx.state import FifoMemory
+from memtx.state import FifoMemory, append_to_fifo
 
 
 @dataclass(kw_only=True)
@@ -117,15 +117,9 @@ class TransformerXL(MemoryLM):
     def append_memory(self, state: FifoMemory, hiddens: Tensor) -> FifoMemory:
         """The memory after a segment whose layer inputs are ``hiddens`` (L, B, T, D): the last
         ``mem_len`` positions of ``[memory; segment]``, with a stop-gradient."""
-        keep = self.config.mem_len
-        batch, length = hiddens.shape[1], hiddens.shape[2]
-        mem = torch.cat((state.mem, hiddens.detach().to(state.mem.dtype)), dim=2)
-        valid = torch.cat(
-            (state.valid, torch.ones(batch, length, dtype=torch.bool, device=state.valid.device)),
-            dim=1,
-        )
-        start = max(mem.shape[2] - keep, 0)
-        return FifoMemory(mem=mem[:, :, start:], valid=valid[:, start:])
+        mem, valid = append_to_fifo(state.mem, state.valid, hiddens.detach().to(state.mem.dtype),
+                                    self.config.mem_len)
+        return FifoMemory(mem=mem, valid=valid)
 
     # -- forward -------------------------------------------------------------------------------
     def position_embeddings(self, num_keys: int, device: torch.device) -> Tensor:

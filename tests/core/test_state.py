@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memtx.errors import StateError
-from memtx.state import FifoMemory
+from memtx.state import FifoMemory, append_to_fifo
 
 
 def _state(batch=3, mem=4, layers=2, dim=5):
@@ -73,3 +73,22 @@ def test_fields_that_disagree_are_rejected():
         bad.sizes()
     with pytest.raises(StateError, match="out of range"):
         _state().select([5])
+
+
+@pytest.mark.parametrize("stored, length, keep", [
+    (0, 4, 6), (0, 4, 4), (0, 4, 2), (3, 4, 6), (5, 4, 6), (6, 4, 6), (6, 8, 6), (2, 4, 0),
+])
+def test_append_to_fifo_keeps_the_last_positions_and_copies_only_those(stored, length, keep):
+    g = torch.Generator().manual_seed(stored * 100 + length * 10 + keep)
+    mem = torch.randn(2, 3, stored, 5, generator=g)
+    valid = torch.rand(3, stored, generator=g) > 0.3
+    new = torch.randn(2, 3, length, 5, generator=g)
+    out_mem, out_valid = append_to_fifo(mem, valid, new, keep)
+    kept = min(keep, stored + length)
+    both = torch.cat((mem, new), dim=2)
+    both_valid = torch.cat((valid, torch.ones(3, length, dtype=torch.bool)), dim=1)
+    assert torch.equal(out_mem, both[:, :, both.shape[2] - kept:])
+    assert torch.equal(out_valid, both_valid[:, both.shape[2] - kept:])
+    # a compact tensor of its own: no view that keeps all stored + length positions alive
+    assert out_mem.untyped_storage().nbytes() == out_mem.numel() * out_mem.element_size()
+    assert out_mem.shape[2] == kept
