@@ -114,8 +114,8 @@ class MemoryXLConfig(ModelConfig):
             its own bias either way, as the seed's).
         checkpoint_attention: rebuild the attention weights and the normalised memory in the
             backward pass instead of keeping them (same results; at dim 256, lmem_len 256,
-            batch 4 and mem_len 1024 the peak of steady-state training steps is 240 instead
-            of 432 MiB, and steps take 1.11x as long, 1.07x at mem_len 256).
+            batch 4 and mem_len 1024 the peak of steady-state training steps is 236 instead
+            of 428 MiB, and steps take 1.11x as long, 1.07x at mem_len 256).
     """
 
     mem_len: int = 256
