@@ -235,4 +235,3 @@ def append_to_fifo(mem: Tensor, valid: Tensor, new: Tensor, keep: int) -> tuple[
         torch.cat((mem[:, :, old_start:], new[:, :, new_start:]), dim=2),
         torch.cat((valid[:, old_start:], valid.new_ones(valid.shape[0], length - new_start)), dim=1),
     )
-

@@ -611,9 +611,9 @@ def relative_memory_attention(
 def _mask_as_score_bias(blocked: Tensor, dtype: torch.dtype) -> Tensor:
     """``blocked`` (True: never seen) as a score bias of 0 and -inf in ``dtype``, which the
     attention nodes add to the scores: on the CPU an add runs several times faster than
-    ``masked_fill_`` with a broadcast bool mask (0.03 vs 0.24 ms for (8, 256, 256) scores). A score of +inf would become NaN where
-    ``masked_fill_`` would hide it, so float16 (whose scores can overflow) keeps the bool
-    mask. The causal mask alone is cached."""
+    ``masked_fill_`` with a broadcast bool mask (0.03 vs 0.24 ms for (8, 256, 256) scores).
+    A score of +inf would become NaN where ``masked_fill_`` would hide it, so float16 (whose
+    scores can overflow) keeps the bool mask. The causal mask alone is cached."""
     if dtype == torch.float16:
         return blocked
     if blocked.dim() == 2:
@@ -692,11 +692,12 @@ class _PairwiseRelativeAttention(torch.autograd.Function):
     so that a block's work happens in cache and keys after a chunk's last query are skipped:
     per block the position table ``qp . r`` (T, N) is made in one reused buffer, gathered at
     the pairs' distances into the scores, the score bias added and the content matmul
-    accumulated in place, then the softmax in place; in backward the softmax gradient is formed in place from
-    ``dO . O`` row sums and the table gradient is one scatter-add into the reused buffer. The
-    attention weights are the only (B, H, T, K) tensor. Through autograd the same computation
-    makes about three more (B, H, T, K) tensors per layer (the bias sum, the masked copy, the
-    softmax backward) and a zero-filled (B, H, T, N) scatter target for the gather."""
+    accumulated in place, then the softmax in place; in backward the softmax gradient is
+    formed in place from ``dO . O`` row sums and the table gradient is one scatter-add into
+    the reused buffer. The attention weights are the only (B, H, T, K) tensor. Through
+    autograd the same computation makes about three more (B, H, T, K) tensors per layer (the
+    bias sum, the masked copy, the softmax backward) and a zero-filled (B, H, T, N) scatter
+    target for the gather."""
 
     @staticmethod
     def forward(ctx, qc, qp, k, v, r, distances, bias, scale, causal):
